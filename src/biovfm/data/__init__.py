@@ -1,0 +1,1 @@
+"""Data: benchmark task metadata and npz IO, the synthetic generator, the pretraining corpus store."""

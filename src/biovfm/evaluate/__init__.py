@@ -1,0 +1,1 @@
+"""Evaluation: MedMNIST metrics and the linear probe on cached features."""

@@ -1,0 +1,110 @@
+"""One factory for the encoders of the study: timm ``VisionTransformer`` built from a ladder entry.
+
+Position embeddings are fixed 2-D sin-cos (as in MAE), so every method and every baseline sees the
+same architecture; ``pretrained=False`` always: nothing is ever fetched from a hub.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from biovfm.config import ModelSpec
+
+# The paper counts parameters as the trainable MAE pretraining model with the standard MAE decoder
+# (512-d, 8 blocks, 16 heads) and without the fixed sin-cos position embeddings (shared/reference/paper.md 1.1).
+PAPER_DECODER = dict(dim=512, depth=8, heads=16)
+
+
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """2-D sin-cos position embedding, shape (1, [1 +] grid*grid, dim); half the channels per axis."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        out = np.outer(coord, omega)
+        parts += [np.sin(out), np.cos(out)]
+    emb = np.concatenate(parts, axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> VisionTransformer:
+    """A timm ViT without a head; ``forward_features`` returns tokens after the final norm."""
+    if image_size % spec.patch_size:
+        raise ValueError(f"model {spec.name}: patch size {spec.patch_size} does not divide image size {image_size}")
+    model = VisionTransformer(
+        img_size=image_size,
+        patch_size=spec.patch_size,
+        in_chans=in_chans,
+        num_classes=0,
+        global_pool="avg",
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+    )
+    grid = image_size // spec.patch_size
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_pos_embed(spec.embed_dim, grid))
+    model.pos_embed.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def patch_features(encoder: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The paper's frozen features: mean of patch tokens after the last block, CLS excluded, final norm
+    not applied (the probe head brings its own parameter-free LayerNorm)."""
+    x = encoder.patch_embed(x)
+    x = encoder._pos_embed(x)
+    x = encoder.norm_pre(x)
+    x = encoder.blocks(x)
+    return x[:, encoder.num_prefix_tokens:].mean(dim=1)
+
+
+def encoder_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
+    """All encoder parameters, position embedding included (the paper's 'encoder params')."""
+    with torch.device("meta"):
+        enc = build_encoder_meta(spec, image_size, in_chans)
+    return sum(p.numel() for p in enc.parameters())
+
+
+def paper_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
+    """Trainable parameters as the paper's x-axis counts them: encoder + standard MAE decoder, no fixed pos-emb."""
+    d = PAPER_DECODER
+    with torch.device("meta"):
+        enc = build_encoder_meta(spec, image_size, in_chans)
+        from timm.models.vision_transformer import Block
+
+        blocks = nn.ModuleList(Block(d["dim"], d["heads"], spec.mlp_ratio, qkv_bias=True) for _ in range(d["depth"]))
+        extra = (
+            spec.embed_dim * d["dim"] + d["dim"]  # decoder_embed
+            + d["dim"]  # mask token
+            + 2 * d["dim"]  # decoder norm
+            + d["dim"] * spec.patch_size**2 * in_chans + spec.patch_size**2 * in_chans  # decoder_pred
+        )
+    enc_trainable = sum(p.numel() for n, p in enc.named_parameters() if n != "pos_embed")
+    return enc_trainable + sum(p.numel() for p in blocks.parameters()) + extra
+
+
+def build_encoder_meta(spec: ModelSpec, image_size: int, in_chans: int) -> VisionTransformer:
+    """Same architecture on the meta device (no memory, no sin-cos init): for counting only."""
+    return VisionTransformer(
+        img_size=image_size, patch_size=spec.patch_size, in_chans=in_chans, num_classes=0, global_pool="avg",
+        embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
+    )
+
+
+def count_flops_per_image(encoder: VisionTransformer, image_size: int, in_chans: int = 3) -> float:
+    """Forward FLOPs of one image through the encoder, measured with torch's FLOP counter."""
+    x = torch.zeros(1, in_chans, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder.forward_features(x)
+    return float(counter.get_total_flops())

@@ -1,0 +1,52 @@
+import pytest
+
+from biovfm.config import (ParamsError, eval_job, eval_job_from_json, grid_points, load_params, pretrain_job,
+                           pretrain_job_from_json, to_json, validate_params)
+from conftest import REPO
+
+
+def test_default_params_validate_and_fill_defaults():
+    p = load_params(REPO / "params.yaml")
+    assert p["grid"]["methods"] == ["mae"]
+    assert len(list(grid_points(p))) == len(p["grid"]["models"]) * len(p["grid"]["data_sizes"]) * len(p["grid"]["seeds"])
+    assert p["evaluate"]["probe"]["max_grid_extensions"] >= 1
+
+
+def test_defaults_filled_for_missing_sections(raw_params):
+    del raw_params["evaluate"]
+    p = validate_params(raw_params)
+    assert p["evaluate"]["probe"]["lr"] == 0.01 and p["evaluate"]["raw_pixels"] is True
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda p: p["pretrain"].update(stepz=3), "pretrain: unknown key(s) ('stepz' was unexpected)"),
+        (lambda p: p["pretrain"].update(steps="ten"), "pretrain.steps: 'ten' is not of type 'integer'"),
+        (lambda p: p["grid"]["models"].append("giant"), "grid.models: 'giant' has no definition under models"),
+        (lambda p: p["grid"]["modalities"].append("mri"), "grid.modalities: 'mri' has no definition"),
+        (lambda p: p["models"]["femto"].update(patch_size=5), "models.femto.patch_size=5 does not divide data.image_size=16"),
+        (lambda p: p["grid"]["data_sizes"].append(10_000), "grid.data_sizes: 10000 exceeds data.synthetic.corpus_size"),
+        (lambda p: p["grid"].update(methods=["simclr"]), "grid.methods[0]: 'simclr' is not one of"),
+    ],
+)
+def test_bad_params_name_the_key(raw_params, edit, needle):
+    edit(raw_params)
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw_params, source="my.yaml")
+    assert "my.yaml" in str(e.value) and needle in str(e.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("grid: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad)):
+        load_params(bad)
+
+
+def test_job_json_roundtrip(params):
+    job = pretrain_job(params, "mae", "atto", "all", 60, 0, "abc")
+    assert pretrain_job_from_json(to_json(job)) == job
+    assert job.run_id == "mae/atto/all/n60/s0"
+    ej = eval_job(params, "random_init", "random/atto/s0", "atto", 0, {"method": "random"})
+    assert eval_job_from_json(to_json(ej)) == ej

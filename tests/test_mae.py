@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from biovfm.config import ModelSpec
+from biovfm.methods.mae import MAE, masked_mse, patchify, random_masking, unpatchify
+from biovfm.models.vit import build_encoder, patch_features
+
+SPEC = ModelSpec("t", embed_dim=32, depth=2, num_heads=2, patch_size=4)
+
+
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_patchify_roundtrip_any_channels(c):
+    x = torch.randn(2, c, 16, 16)
+    p = patchify(x, 4)
+    assert p.shape == (2, 16, 4 * 4 * c)
+    assert torch.equal(unpatchify(p, 4, c), x)
+    # patch 0 holds the top-left 4x4 block
+    assert torch.equal(p[0, 0].reshape(4, 4, c).permute(2, 0, 1), x[0, :, :4, :4])
+
+
+def test_random_masking_keeps_requested_fraction():
+    g = torch.Generator().manual_seed(0)
+    keep, mask, restore = random_masking(3, 16, 0.75, g)
+    assert keep.shape == (3, 4)
+    assert mask.sum(1).tolist() == [12.0, 12.0, 12.0]
+    for b in range(3):  # kept indices are exactly the unmasked positions
+        assert set(keep[b].tolist()) == set(torch.nonzero(mask[b] == 0).flatten().tolist())
+    assert torch.equal(mask.gather(1, restore.argsort(1))[:, :4], torch.zeros(3, 4))  # shuffled order starts with the kept
+
+
+def test_loss_counts_masked_patches_only():
+    target = torch.zeros(1, 4, 3)
+    pred = torch.zeros(1, 4, 3)
+    pred[0, 0] = 10.0  # error on a visible patch
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    assert masked_mse(pred, target, mask, norm_pix=False).item() == 0.0
+    pred[0, 1] = 3.0  # error on a masked patch
+    assert masked_mse(pred, target, mask, norm_pix=False).item() == pytest.approx(9.0 / 3)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_mae_forward_shapes_and_backward(c, norm_pix):
+    torch.manual_seed(0)
+    enc = build_encoder(SPEC, 16, in_chans=c)
+    mae = MAE(enc, 16, c, mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix)
+    x = torch.randn(2, c, 16, 16)
+    loss, pred, mask = mae(x, torch.Generator().manual_seed(1))
+    assert pred.shape == (2, 16, 16 * c) and mask.shape == (2, 16)
+    loss.backward()
+    assert enc.patch_embed.proj.weight.grad is not None and enc.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert enc.pos_embed.grad is None  # fixed sin-cos
+
+
+def test_mae_learns_on_a_tiny_batch():
+    torch.manual_seed(0)
+    enc = build_encoder(SPEC, 16)
+    mae = MAE(enc, 16, 3, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    batch = (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        loss, _ = mae.training_step(batch, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_patch_features_excludes_cls_and_final_norm():
+    torch.manual_seed(0)
+    enc = build_encoder(SPEC, 16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    f = patch_features(enc, x)
+    tokens = enc.blocks(enc.norm_pre(enc._pos_embed(enc.patch_embed(x))))
+    assert torch.allclose(f, tokens[:, 1:].mean(1))

@@ -1,0 +1,160 @@
+"""The batched linear probe: signal recovery, chance on noise, L2 grid selection/extension,
+determinism, score shapes, best-epoch selection on validation loss, and the hand-written gradients."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biovfm.data.medmnist import task_info
+from biovfm.evaluate.probe import (
+    ProbeConfig,
+    _Adam,
+    data_grad,
+    extend_grid,
+    fit_probe,
+    head_losses,
+    layer_norm,
+    train_heads,
+)
+
+SIZES = {"train": 500, "val": 300, "test": 300}
+
+
+def linear_task(flag: str, d: int = 32, noise: float = 0.0, seed: int = 0, sizes: dict | None = None):
+    """Gaussian features; labels from a random linear map plus Gumbel/logistic noise (0 = separable)."""
+    info = task_info(flag)
+    rng = np.random.default_rng(seed)
+    k = info.n_labels
+    w = rng.normal(size=(d, k)) * 3 / np.sqrt(d)
+    x, y = {}, {}
+    for split, n in (sizes or SIZES).items():
+        xs = rng.normal(size=(n, d))
+        z = xs @ w
+        if flag == "chestmnist":
+            y[split] = (z + noise * rng.logistic(size=z.shape) > 0).astype(np.int64)
+        else:
+            y[split] = np.argmax(z + noise * rng.gumbel(size=z.shape), axis=1)[:, None]
+        x[split] = xs.astype(np.float32)
+    return x, y, info
+
+
+@pytest.mark.parametrize("flag", ["pathmnist", "breastmnist", "chestmnist", "retinamnist"])
+def test_recovers_linear_signal_and_score_shapes(flag: str) -> None:
+    x, y, info = linear_task(flag)
+    r = fit_probe(x, y, info)
+    assert r.auc > 0.95, (flag, r.auc)
+    assert r.test_scores.shape == (SIZES["test"], info.n_outputs)  # 14 for chest, 2 for binary
+    assert r.val_scores.shape == (SIZES["val"], info.n_outputs)
+    assert np.all((r.test_scores >= 0) & (r.test_scores <= 1))
+    if flag != "chestmnist":
+        assert np.allclose(r.test_scores.sum(axis=1), 1.0)  # softmax, including binary's 2 logits
+    assert 0 <= r.best_epoch < ProbeConfig().epochs and np.isfinite(r.val_loss)
+    assert r.val_auc > 0.9 and 0 <= r.acc <= 1
+
+
+def test_pure_noise_labels_give_chance_auc() -> None:
+    x, y, info = linear_task("octmnist", d=64, sizes={"train": 500, "val": 300, "test": 2000})
+    rng = np.random.default_rng(1)
+    y = {s: rng.integers(0, info.n_labels, size=v.shape) for s, v in y.items()}
+    r = fit_probe(x, y, info)
+    assert abs(r.auc - 0.5) < 0.04, r.auc
+
+
+def test_interior_optimum_is_chosen_without_extension() -> None:
+    x, y, info = linear_task("octmnist", d=64, noise=1.0, sizes={"train": 200, "val": 300, "test": 300})
+    r = fit_probe(x, y, info)
+    assert r.l2_grid == list(ProbeConfig().l2_grid)
+    assert min(r.l2_grid) < r.l2 < max(r.l2_grid) and not r.at_edge
+
+
+def test_grid_extends_upwards_when_optimum_lies_above() -> None:
+    x, y, info = linear_task("octmnist", d=64, noise=1.0, sizes={"train": 200, "val": 300, "test": 300})
+    cfg = ProbeConfig(l2_grid=(1e-5, 1e-4, 1e-3))
+    r = fit_probe(x, y, info, cfg)
+    assert len(r.l2_grid) > 3 and max(r.l2_grid) > 1e-3
+    assert r.l2 > 1e-3 and not r.at_edge
+    # extension heads train separately but from the same init and shuffles: same result as one wide grid
+    wide = fit_probe(x, y, info, ProbeConfig(l2_grid=tuple(r.l2_grid), max_grid_extensions=0))
+    assert wide.l2 == r.l2 and wide.best_epoch == r.best_epoch
+    assert np.allclose(wide.test_scores, r.test_scores, atol=1e-5)
+
+
+def test_at_edge_after_max_extensions() -> None:
+    """Noiseless labels keep preferring less regularisation: after one extension it is still the edge."""
+    x, y, info = linear_task("octmnist", d=32, noise=0.0)
+    r = fit_probe(x, y, info, ProbeConfig(l2_grid=(1.0, 10.0, 100.0), max_grid_extensions=1))
+    assert r.l2_grid == pytest.approx([0.01, 0.1, 1.0, 10.0, 100.0])
+    assert r.l2 == pytest.approx(0.01) and r.at_edge
+
+
+def test_extend_grid_continues_log_step() -> None:
+    assert extend_grid([1e-3, 1e-2, 1e-1], "low") == pytest.approx([1e-5, 1e-4])
+    assert extend_grid([1e-3, 1e-2, 1e-1], "high") == pytest.approx([1.0, 10.0])
+
+
+def test_deterministic_given_seed() -> None:
+    x, y, info = linear_task("dermamnist", noise=1.0)
+    cfg = ProbeConfig(epochs=20)
+    a, b = fit_probe(x, y, info, cfg, seed=3), fit_probe(x, y, info, cfg, seed=3)
+    assert np.array_equal(a.test_scores, b.test_scores) and a.val_loss == b.val_loss and a.l2 == b.l2
+    c = fit_probe(x, y, info, cfg, seed=4)
+    assert not np.array_equal(a.test_scores, c.test_scores)
+
+
+def test_best_epoch_is_lowest_val_loss_not_last() -> None:
+    """Overfitting setup (few samples, many features, weak L2): val loss rises after its minimum,
+    and the returned epoch, loss and scores are those of the minimum."""
+    x, y, info = linear_task("octmnist", d=128, noise=2.0, sizes={"train": 200, "val": 300, "test": 100})
+    cfg = ProbeConfig(l2_grid=(1e-6,), epochs=40)
+    r = fit_probe(x, y, info, cfg)
+    fit = train_heads(
+        layer_norm(x["train"]), torch.from_numpy(y["train"][:, 0]), layer_norm(x["val"]),
+        torch.from_numpy(y["val"][:, 0]), [1e-6], info.n_outputs, False, cfg, seed=0,
+    )  # fmt: skip
+    hist = fit.val_loss_history[:, 0]
+    assert r.best_epoch == int(np.argmin(hist)) < cfg.epochs - 1
+    assert hist[-1] > hist.min() + 0.05  # selecting the last epoch would be visibly different
+    assert r.val_loss == pytest.approx(hist.min())
+    ce = -np.mean(np.log(r.val_scores[np.arange(len(r.val_scores)), y["val"][:, 0]]))
+    assert ce == pytest.approx(hist.min(), rel=1e-4)  # the val scores are from the best epoch
+
+
+def test_rejects_mismatched_inputs() -> None:
+    x, y, info = linear_task("pathmnist", sizes={"train": 50, "val": 20, "test": 20})
+    with pytest.raises(ValueError, match="test: 20 feature rows but 19 label rows"):
+        fit_probe(x, {**y, "test": y["test"][:19]}, info, ProbeConfig(epochs=1))
+    with pytest.raises(ValueError, match="expects N x 14"):
+        fit_probe(x, y, task_info("chestmnist"), ProbeConfig(epochs=1))
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_hand_written_gradient_matches_autograd(multi_label: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 3, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 2, (16, 5), generator=g).float() if multi_label else torch.randint(0, 5, (16,), generator=g)
+    head_losses(logits.transpose(0, 1), target, multi_label).sum().backward()
+    assert torch.allclose(data_grad(logits.detach(), target, multi_label), logits.grad, atol=1e-6)
+
+
+def test_adam_matches_torch_adamw_without_decay() -> None:
+    g = torch.Generator().manual_seed(0)
+    p_ref = torch.randn(4, 6, generator=g).requires_grad_(True)
+    p = p_ref.detach().clone()
+    opt, adam = torch.optim.AdamW([p_ref], lr=0.01, weight_decay=0.0), _Adam(p)
+    for step in range(5):
+        grad = torch.randn(4, 6, generator=g)
+        lr = 0.01 / (step + 1)
+        opt.param_groups[0]["lr"] = lr
+        p_ref.grad = grad.clone()
+        opt.step()
+        adam.step(grad, lr)
+    assert torch.allclose(p, p_ref.detach(), atol=1e-7)
+
+
+def test_layer_norm_is_per_sample_standardisation() -> None:
+    x = np.array([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 4.0]])
+    z = layer_norm(x).numpy()
+    ref = F.layer_norm(torch.tensor(x), (4,), eps=1e-6).numpy()
+    assert np.allclose(z, ref, atol=1e-6)

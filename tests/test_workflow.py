@@ -1,0 +1,104 @@
+"""End to end: the real Snakemake DAG on the small config in a temporary folder with its own MLflow store."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, TINY_PARAMS
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `biovfm` entry point of this venv
+    return env
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(SNAKEMAKE + ["--directory", str(workdir), *args], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    out = snakemake(workdir, "-n", "--quiet", "rules", *args).stdout
+    table = out.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    shutil.copy(TINY_PARAMS, tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_dry_run_of_the_default_grid_has_one_job_per_grid_point(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    g = p["grid"]
+    n_points = len(g["methods"]) * len(g["models"]) * len(g["data_sizes"]) * len(g["modalities"]) * len(g["seeds"])
+    jobs = planned_jobs(tmp_path)
+    assert jobs["pretrain"] == n_points and jobs["evaluate"] == n_points
+    assert jobs["evaluate_random_init"] == len(g["models"]) * len(g["seeds"]) and jobs["evaluate_raw_pixels"] == 1
+
+
+def test_bad_params_fail_before_any_job(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["grid"]["models"].append("giant")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0
+    assert "grid.models: 'giant' has no definition under models" in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+def test_small_study_end_to_end(workdir):
+    snakemake(workdir, "--cores", "2")
+    res = workdir / "results"
+    summary = pd.read_csv(res / "summary.csv", keep_default_na=False)
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    n_tasks = len(p["data"]["tasks"])
+    n_pre = len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
+    n_models = n_pre + len(p["grid"]["models"]) + 1  # + random-init per size + raw pixels
+    assert len(summary) == n_models * n_tasks
+    assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels"}
+    assert summary["auc"].between(0, 1).all() and summary["acc"].between(0, 1).all()
+    for fig in ("mean_auc_vs_params", "task_grid", "auc_vs_data_size"):
+        assert (res / "figures" / f"{fig}.png").stat().st_size > 10_000
+    headline = json.loads((res / "summary.json").read_text())
+    assert headline["n_models"] == n_models
+
+    # MLflow: one run per pretraining job and per evaluation job, and the summary names exactly the latter
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(p["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    stages = pd.Series([r.data.tags["stage"] for r in runs]).value_counts().to_dict()
+    assert stages == {"pretrain": n_pre, "evaluate": n_models}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    eval_ids = {r.info.run_id for r in runs if r.data.tags["stage"] == "evaluate"}
+    assert set(summary["mlflow_run_id"]) == eval_ids
+    loss = client.get_metric_history(next(r.info.run_id for r in runs if r.data.tags["stage"] == "pretrain"), "loss")
+    assert len(loss) == p["pretrain"]["steps"]
+
+    # nothing left to do; a new data size adds exactly its jobs; a failed job leaves no output Snakemake trusts
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+    p["grid"]["data_sizes"].insert(1, 120)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    jobs = planned_jobs(workdir)
+    assert jobs == {"pretrain": 2, "evaluate": 2, "aggregate": 1, "all": 1}

@@ -1,0 +1,37 @@
+localrules:
+    mlflow_init,
+
+
+rule mlflow_init:
+    # Serial, once, before any job that logs: concurrent first creation of a SQLite store races.
+    output:
+        MLFLOW_INIT,
+    params:
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+    log:
+        "results/logs/mlflow_init.log",
+    shell:
+        "biovfm mlflow-init --uri {params.uri:q} --experiment {params.experiment:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule pretrain:
+    input:
+        images=CORPUS_DIR + "/images.npy",
+        index=CORPUS_DIR + "/index.csv",
+        mlflow=ancient(MLFLOW_INIT),
+    output:
+        checkpoint="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/checkpoint.safetensors",
+        run="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/run.json",
+    params:
+        job=pretrain_job,
+        out=subpath(output.run, parent=True),
+    threads: config["pretrain"]["threads"]
+    resources:
+        gpu=0,
+    log:
+        "results/logs/pretrain/{method}_{model}_{modality}_n{n}_s{seed}.log",
+    message:
+        "Pretraining {wildcards.method} {wildcards.model} on {wildcards.n} {wildcards.modality} images (seed {wildcards.seed})"
+    shell:
+        "biovfm pretrain --job {params.job:q} --corpus {CORPUS_DIR:q} --threads {threads} --out {params.out:q} 2>&1 | tee {log:q}"
