@@ -51,7 +51,8 @@ def raw_probe(data: dict[str, np.ndarray], task: str, grid: tuple[float, ...] = 
         val = {c: get_auc(y["val"], _scores(x["train"], y["train"], x["val"], c, ml), task) for c in grid}
         best = max(val, key=val.get)
         s_test = _scores(x["train"], y["train"], x["test"], best, ml)
-    return {"C": best, "val_auc": val[best], "auc": get_auc(y["test"], s_test, task), "acc": get_acc(y["test"], s_test, task)}
+    return {"C": best, "val_auc": val[best], "auc": get_auc(y["test"], s_test, task),
+            "acc": get_acc(y["test"], s_test, task)}
 
 
 def chance_acc(y: np.ndarray, task: str) -> float:

@@ -133,9 +133,17 @@ def test_rejects_mismatched_inputs() -> None:
 def test_hand_written_gradient_matches_autograd(multi_label: bool) -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 3, 5, generator=g, requires_grad=True)
-    target = torch.randint(0, 2, (16, 5), generator=g).float() if multi_label else torch.randint(0, 5, (16,), generator=g)
+    if multi_label:
+        target = torch.randint(0, 2, (16, 5), generator=g).float()
+    else:
+        target = torch.randint(0, 5, (16,), generator=g)
     head_losses(logits.transpose(0, 1), target, multi_label).sum().backward()
-    assert torch.allclose(data_grad(logits.detach(), target, multi_label), logits.grad, atol=1e-6)
+    dense = target if multi_label else F.one_hot(target, 5).float()
+    assert torch.allclose(data_grad(logits.detach(), dense, multi_label), logits.grad, atol=1e-6)
+    # and the per-head losses themselves equal torch's reference losses
+    ref = F.binary_cross_entropy_with_logits if multi_label else F.cross_entropy
+    per_head = head_losses(logits.detach().transpose(0, 1), target, multi_label)
+    assert torch.allclose(per_head, torch.stack([ref(logits[:, h].detach(), target) for h in range(3)]))
 
 
 def test_adam_matches_torch_adamw_without_decay() -> None:
@@ -158,3 +166,42 @@ def test_layer_norm_is_per_sample_standardisation() -> None:
     z = layer_norm(x).numpy()
     ref = F.layer_norm(torch.tensor(x), (4,), eps=1e-6).numpy()
     assert np.allclose(z, ref, atol=1e-6)
+
+
+def test_batched_heads_match_a_plain_torch_reference() -> None:
+    """Parity with the paper's head written with torch modules: LN features -> BatchNorm1d(affine=False,
+    eps 1e-6) -> Linear(D, C), AdamW(wd 0) + L2 in the loss, CosineAnnealingLR per epoch, drop_last,
+    eval-mode BN for validation. Features get per-dimension offsets and scales so BN's running stats matter."""
+    d, c, epochs, l2 = 12, 3, 6, [1e-4, 1e-1]
+    rng = np.random.default_rng(0)
+    scale, shift = rng.uniform(0.2, 3, d), rng.normal(0, 2, d)
+    xtr, xva = (rng.normal(size=(n, d)) * scale + shift for n in (300, 100))
+    ytr, yva = torch.from_numpy(rng.integers(0, c, 300)), torch.from_numpy(rng.integers(0, c, 100))
+    ftr, fva = layer_norm(xtr), layer_norm(xva)
+    cfg = ProbeConfig(epochs=epochs)
+    fit = train_heads(ftr, ytr, fva, yva, l2, c, False, cfg, seed=5)
+
+    for h, lam in enumerate(l2):
+        torch.manual_seed(123)  # the reference's own default init is overwritten below
+        bn, lin = torch.nn.BatchNorm1d(d, affine=False, eps=1e-6), torch.nn.Linear(d, c)
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(lin.weight, std=0.01, a=-2.0, b=2.0, generator=gen)
+            lin.bias.uniform_(-1 / np.sqrt(d), 1 / np.sqrt(d), generator=gen)
+        opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0)
+        shuffle = torch.Generator().manual_seed(6)
+        for epoch in range(epochs):
+            bn.train()
+            order = torch.randperm(300, generator=shuffle)
+            for s in range(300 // cfg.batch_size):
+                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                loss = F.cross_entropy(lin(bn(ftr[idx])), ytr[idx]) + lam * lin.weight.pow(2).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+            bn.eval()
+            with torch.no_grad():
+                val = F.cross_entropy(lin(bn(fva)), yva).item()
+            assert val == pytest.approx(fit.val_loss_history[epoch, h], rel=1e-4), (lam, epoch)

@@ -33,7 +33,7 @@ MODALITIES: tuple[str, ...] = tuple(sorted({t.modality for t in TASKS.values()})
 N_STYLES = 4096  # styles per modality
 CORPUS_STYLE_EXPONENT = 1.1  # heavy tail: few head styles dominate small corpora
 EVAL_STYLE_EXPONENT = 0.5  # flatter: evaluation reaches into the tail
-CHUNK = 500  # images rendered per vectorised call (bounds memory)
+CHUNK = 500  # images per vectorised call at 28 px; fewer at larger sizes (see _chunk), to bound memory
 
 F32 = np.float32
 Array = np.ndarray
@@ -215,7 +215,7 @@ def _cnt(rng: np.random.Generator, lam: Array, nmax: int) -> Array:
 # Histology (pathmnist): H&E tissue types, Beer-Lambert stain mixing
 # --------------------------------------------------------------------------------------------------------------
 
-_H_OD = np.array([0.65, 0.70, 0.29], F32) / 1.0
+_H_OD = np.array([0.65, 0.70, 0.29], F32)  # hematoxylin optical density per RGB channel
 _E_OD = np.array([0.07, 0.99, 0.11], F32)
 
 _HISTO_STYLE = {
@@ -227,7 +227,7 @@ _HISTO_STYLE = {
 # Classes of NCT-CRC-HE: adipose, background, debris, lymphocytes, mucus, smooth muscle, normal mucosa,
 # cancer-associated stroma, tumour epithelium. Ranges overlap, so texture statistics (not colour) decide.
 _HISTO_TABLE = {
-    #            ADI          BACK         DEB          LYM           MUC          MUS          NORM         STR          TUM
+    # one (lo, hi) per class, in the order ADI, BACK, DEB, LYM, MUC, MUS, NORM, STR, TUM
     "n_nuc": [(0, 4), (0, 3), (8, 22), (18, 36), (0, 6), (5, 12), (10, 18), (4, 10), (14, 28)],
     "nuc_r": [(.04, .06), (.03, .05), (.015, .035), (.04, .06), (.04, .06), (.035, .05), (.045, .06),
               (.03, .05), (.06, .095)],
@@ -384,7 +384,7 @@ def _findings(rng, g: Grid, x, y, f: Array, lx, ly, rx, ry, lung, lungs, hilum) 
     side = np.where(rng.random(b) < 0.5, 0, 1)
     lm = np.where(_c(side) == 0, lungs[0], lungs[1])
     level = _c(ly + ry * _U(rng, 0.35, 0.75, b)) - 0.35 * np.abs(x - _c(np.where(side == 0, -lx, lx)))
-    add += on(2) * _c(_U(rng, .3, .6, b)) * _ramp(y - level, 0.08) * np.maximum(lm, _ramp(y - level, .08) * 0.5)
+    add += on(2) * _c(_U(rng, .3, .6, b)) * _ramp(y - level, 0.08) * lm
     # infiltration: several faint patches
     for _ in range(4):
         cx, cy, _s = _lung_pt(rng, b, lx, ly, rx, ry)
@@ -401,10 +401,10 @@ def _findings(rng, g: Grid, x, y, f: Array, lx, ly, rx, ry, lung, lungs, hilum) 
         s = _U(rng, .03, .05, b)
         add += _c(keep * _U(rng, .3, .6, b)) * _gauss(x, y, _c(cx), _c(cy), _c(s), _c(s), 0, px)
     # pneumonia: 1-2 fuzzy consolidations
-    for k in range(2):
+    for k in range(3):
         cx, cy, _ = _lung_pt(rng, b, lx, ly, rx, ry)
-        keep = f[:, 6] * (rng.random(b) < (1.0, 0.4)[k])
-        add += _c(keep * _U(rng, .15, .4, b)) * _gauss(x, y, _c(cx), _c(cy), _c(_U(rng, .1, .2, b)),
+        keep = f[:, 6] * (rng.random(b) < (1.0, 0.5, 0.25)[k])
+        add += _c(keep * _U(rng, .2, .5, b)) * _gauss(x, y, _c(cx), _c(cy), _c(_U(rng, .1, .2, b)),
                                                        _c(_U(rng, .1, .2, b)), 0, px) * lung
     # pneumothorax: lucent rim without lung markings at the apex/lateral wall of one side
     side = np.where(rng.random(b) < 0.5, -1.0, 1.0).astype(F32)
@@ -463,10 +463,10 @@ def render_oct(rng: np.random.Generator, labels: Array, st: Style, g: Grid) -> A
     y = g.y
     soft = F32(g.px) * _c(st["soft"])
     T0 = st["thick"] * _U(rng, 0.9, 1.1, b)
-    y_bm = _c(_U(rng, 0.05, 0.6, b)) + _c(_U(rng, -0.25, 0.25, b)) * x + _c(st["curv"]) * x * x
+    y_bm = _c(_U(rng, 0.1, 0.5, b)) + _c(_U(rng, -0.25, 0.25, b)) * x + _c(st["curv"]) * x * x
     xf = _c(_U(rng, -0.3, 0.3, b))  # fovea, roughly centred as in clinical scans
     pit = np.exp(-(((x - xf) / 0.22) ** 2))
-    xc = xf + _c(_U(rng, -0.4, 0.4, b))  # the finding: macular, at a random offset
+    xc = xf + _c(_U(rng, -0.3, 0.3, b))  # the finding: macular, at a random offset
     loc = lambda w: np.exp(-(((x - xc) / _c(w)) ** 2))  # noqa: E731
     cnv, dme, dru = (_c((lab == k).astype(F32)) for k in range(3))
     thick = _c(T0) * (1 - _c(st["pit"] / 0.3 + _U(rng, 0, 0.5, b)) * 0.5 * pit) * (1 + dme * _c(_U(rng, .3, .8, b))
@@ -522,6 +522,19 @@ _DR_LAMBDA = np.array([[0.5, 0.0, 0.2, 0.0, 0.0], [4.5, 1.5, 1.0, 0.0, 0.0], [8.
                        [12.0, 7.0, 5.0, 1.5, 0.15], [14.0, 9.0, 6.0, 2.5, 0.85]], F32)
 
 
+def _spots(rng: np.random.Generator, g: Grid, count: Array, nmax: int, sigma: tuple[float, float],
+           amp: tuple[float, float], min_aspect: float, radius: float = 0.75) -> Array:
+    """Sum of ``count`` (<= nmax) Gaussian lesions per image, denser towards the posterior pole (image centre)."""
+    b = len(count)
+    out = np.zeros((b, g.size, g.size), F32)
+    for k in range(nmax):
+        cx, cy = _in_disc(rng, b, radius, power=1.0)
+        s = _U(rng, *sigma, b)
+        blob = _gauss(g.x, g.y, _c(cx), _c(cy), _c(s), _c(s * _U(rng, min_aspect, 1, b)), _c(_U(rng, 0, 3.1, b)), g.px)
+        out += _c((k < count) * _U(rng, *amp, b)) * blob
+    return out
+
+
 def render_fundus(rng: np.random.Generator, labels: Array, st: Style, g: Grid) -> Array:
     """Colour fundus photo; the DR grade sets the expected number of each lesion type (ordinal, overlapping)."""
     b, lab = len(labels), labels[:, 0]
@@ -541,30 +554,12 @@ def render_fundus(rng: np.random.Generator, labels: Array, st: Style, g: Grid) -
         t = -side[:, None, None]  # arcades bend temporally, towards the macula
         yy = y - _c(dy)
         dist = np.abs(x - _c(dx) - t * _c(c) * yy * yy) / np.sqrt(1 + (2 * _c(c) * yy) ** 2)
-        ww = _c(st["vessel_w"] * w)
-        dark += _c(st["vessel_d"]) * np.exp(-0.5 * (dist / np.sqrt(ww ** 2 + (0.4 * px) ** 2)) ** 2) * ww / np.sqrt(
-            ww ** 2 + (0.4 * px) ** 2)
-    n = np.stack([_cnt(rng, _DR_LAMBDA[lab, k] * _U(rng, 0.6, 1.4, b), m) for k, m in enumerate((14, 10, 8, 3, 1))], 1)
-    for k in range(14):  # microaneurysms: tiny dark-red dots
-        cx, cy = _in_disc(rng, b, 0.75, power=1.0)  # posterior pole
-        s = _U(rng, .018, .03, b)
-        dark += _c((k < n[:, 0]) * _U(rng, 2.5, 4.0, b)) * _gauss(x, y, _c(cx), _c(cy), _c(s), _c(s), 0, px)
-    for k in range(10):  # dot-blot and flame haemorrhages
-        cx, cy = _in_disc(rng, b, 0.75, power=1.0)  # posterior pole
-        s = _U(rng, .04, .09, b)
-        dark += _c((k < n[:, 1]) * _U(rng, 1.8, 3.0, b)) * _gauss(x, y, _c(cx), _c(cy), _c(s), _c(s * _U(rng, .4, 1, b)),
-                                                                  _c(_U(rng, 0, 3.1, b)), px)
-    bright = np.zeros_like(dark)
-    yellow = np.zeros_like(dark)
-    for k in range(8):  # hard exudates: small yellow clusters
-        cx, cy = _in_disc(rng, b, 0.7, power=1.0)  # posterior pole
-        s = _U(rng, .02, .04, b)
-        yellow += _c((k < n[:, 2]) * _U(rng, 1.2, 2.0, b)) * _gauss(x, y, _c(cx), _c(cy), _c(s), _c(s), 0, px)
-    for k in range(3):  # cotton-wool spots: fluffy white
-        cx, cy = _in_disc(rng, b, 0.7, power=1.0)  # posterior pole
-        s = _U(rng, .04, .07, b)
-        bright += _c((k < n[:, 3]) * _U(rng, .5, .9, b)) * _gauss(x, y, _c(cx), _c(cy), _c(s), _c(s * .7),
-                                                                   _c(_U(rng, 0, 3.1, b)), px)
+        dark += _c(st["vessel_d"]) * _gauss(dist, 0, 0, 0, _c(st["vessel_w"] * w), 1.0, 0, px)
+    n = np.stack([_cnt(rng, _DR_LAMBDA[lab, k] * _U(rng, 0.8, 1.25, b), m) for k, m in enumerate((14, 10, 8, 3, 1))], 1)
+    dark += _spots(rng, g, n[:, 0], 14, (.018, .03), (2.5, 4.0), 1.0)  # microaneurysms: tiny dark-red dots
+    dark += _spots(rng, g, n[:, 1], 10, (.04, .09), (1.8, 3.0), 0.4)  # dot-blot and flame haemorrhages
+    yellow = _spots(rng, g, n[:, 2], 8, (.02, .04), (1.2, 2.0), 1.0)  # hard exudates
+    bright = _spots(rng, g, n[:, 3], 3, (.04, .07), (.5, .9), 0.7)  # cotton-wool spots
     # neovascularisation: tangled fine vessels at a random place
     cx, cy = _in_disc(rng, b, 0.6)
     nv = np.exp(-((x - _c(cx)) ** 2 + (y - _c(cy)) ** 2) / 0.03) * np.exp(
@@ -587,7 +582,7 @@ def render_fundus(rng: np.random.Generator, labels: Array, st: Style, g: Grid) -
 
 _US_STYLE = {
     "skin": (-0.95, -0.75), "fat_d": (0.15, 0.45), "gland": (0.4, 0.9), "fat": (0.15, 0.4), "atten": (0.0, 0.8),
-    "speckle": (0.35, 0.8), "grain_f": (6.0, 14.0), "gamma": (0.6, 1.5), "contrast": (0.8, 1.3),
+    "speckle": (0.2, 0.55), "grain_f": (6.0, 14.0), "gamma": (0.6, 1.5), "contrast": (0.8, 1.3),
     "bright": (-0.1, 0.1), "noise": (0.01, 0.05), "lesion_echo": (0.02, 0.25), "muscle": (0.3, 0.7),
 }
 
@@ -813,8 +808,8 @@ _CT_R = np.array([s[2] for s in _CT_STRUCTS], F32)
 _CT_V = np.array([s[3] for s in _CT_STRUCTS], F32)
 _ORGAN_IDX = np.array([_CT_NAMES.index(o) for o in ORGANS])
 _CT_STYLE = {
-    "c_jit": (-0.08, 0.08, (len(_CT_STRUCTS), 3)), "r_jit": (0.75, 1.25, (len(_CT_STRUCTS), 3)),
-    "v_jit": (-0.1, 0.1, (len(_CT_STRUCTS),)), "level": (0.35, 0.6), "width": (0.6, 1.5), "noise": (0.03, 0.14),
+    "c_jit": (-0.1, 0.1, (len(_CT_STRUCTS), 3)), "r_jit": (0.75, 1.25, (len(_CT_STRUCTS), 3)),
+    "v_jit": (-0.12, 0.12, (len(_CT_STRUCTS),)), "level": (0.35, 0.6), "width": (0.6, 1.6), "noise": (0.04, 0.18),
     "gamma": (0.75, 1.35), "gas": (0.0, 0.6), "tex": (0.0, 0.06), "body": (0.85, 1.15),
 }
 _VIEW_AXES = {"axial": (2, 0, 1, 1.0), "coronal": (1, 0, 2, -1.0), "sagittal": (0, 1, 2, -1.0)}
@@ -1015,12 +1010,18 @@ def _render(flag: str, labels: Array, styles: Array, size: int, seed: int, *keys
     g = Grid(size)
     shape = (len(labels), size, size) + ((3,) if info.n_channels == 3 else ())
     out = np.empty(shape, np.uint8)
-    for i, s in enumerate(range(0, len(labels), CHUNK)):
-        sl = slice(s, s + CHUNK)
+    step = _chunk(size)
+    for i, s in enumerate(range(0, len(labels), step)):
+        sl = slice(s, s + step)
         st = {k: v[styles[sl]] for k, v in bank.items()}
         img = fam.render(_rng(seed, *keys, "chunk", i), labels[sl], st, g, **_TASK_KWARGS.get(flag, {}))
         out[sl] = _to_uint8(img)
     return out
+
+
+def _chunk(size: int) -> int:
+    """Images per call: ``CHUNK`` at 28 px, scaled by pixel count (a function of size only: determinism)."""
+    return max(8, int(CHUNK * (28 / size) ** 2))
 
 
 def _to_uint8(img: Array) -> Array:

@@ -8,9 +8,9 @@ for every head and are computed once per batch; the heads share the initial weig
 order, so a head's trajectory does not depend on which other grid values are trained with it.
 
 Why an L2 term in the loss rather than AdamW's decoupled decay: Adam's fixed points are the zeros
-of the gradient, so the penalised loss converges towards the ridge-regularised optimum itself, and
-its strength is comparable across feature scales; decoupled decay at lr 0.01 with a cosine schedule
-to 0 shrinks weights by an amount that depends on the schedule, not on the objective.
+of the gradient, so the penalised loss converges towards the ridge-regularised optimum itself;
+decoupled decay at lr 0.01 with a cosine schedule to 0 shrinks weights by an amount that depends
+on the schedule, not on the objective. The penalty covers the weights, not the bias.
 """
 from __future__ import annotations
 
@@ -96,9 +96,8 @@ def head_losses(logits: torch.Tensor, target: torch.Tensor, multi_label: bool) -
     """Mean data loss per head for logits ``G x N x C``: BCE (multi-label) or CE (all else)."""
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").mean(dim=(1, 2))
-    g, n, c = logits.shape
-    ce = F.cross_entropy(logits.reshape(g * n, c), target.repeat(g), reduction="none")
-    return ce.view(g, n).mean(dim=1)
+    picked = logits.gather(2, target.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(2)
+    return (torch.logsumexp(logits, dim=2) - picked).mean(dim=1)  # = cross_entropy, ~5x faster for small C
 
 
 def extend_grid(grid: list[float], side: str, n: int = VALUES_PER_EXTENSION) -> list[float]:
@@ -130,6 +129,8 @@ def _targets(y: np.ndarray, info: TaskInfo, split: str) -> torch.Tensor:
     if y.ndim != 2 or y.shape[1] != info.label_columns:
         raise ValueError(f"{split} labels have shape {y.shape}; task {info.flag} expects N x {info.label_columns}")
     if info.task == MULTI_LABEL:
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError(f"{split} labels of multi-label task {info.flag} must be 0/1")
         return torch.from_numpy(y.astype(np.float32))
     if y.min() < 0 or y.max() >= info.n_outputs:
         raise ValueError(f"{split} labels span [{y.min()}, {y.max()}]; task {info.flag} has {info.n_outputs} classes")
@@ -176,15 +177,18 @@ def batch_norm_train(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return xc * torch.rsqrt(var + BN_EPS), mu, var
 
 
-def data_grad(logits: torch.Tensor, target: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Gradient of ``head_losses(...).sum()`` w.r.t. logits ``B x G x C`` (CE: softmax - onehot)."""
+def data_grad(logits: torch.Tensor, dense_target: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Gradient of ``head_losses(...).sum()`` w.r.t. logits ``B x G x C``.
+
+    ``dense_target`` is ``B x C``: the 0/1 labels (BCE) or the one-hot class (CE), so both losses
+    reduce to ``(probabilities - target) / normaliser``.
+    """
     b, _, c = logits.shape
     if multi_label:
-        return (torch.sigmoid(logits) - target.unsqueeze(1)) / (b * c)
-    grad = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # torch.softmax is ~4x slower for small C
-    grad /= grad.sum(dim=-1, keepdim=True)
-    grad[torch.arange(b), :, target] -= 1.0
-    return grad / b
+        return (torch.sigmoid(logits) - dense_target.unsqueeze(1)) / (b * c)
+    p = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # torch.softmax is ~4x slower for small C
+    p /= p.sum(dim=-1, keepdim=True)
+    return (p - dense_target.unsqueeze(1)) / b
 
 
 @dataclass
@@ -244,6 +248,7 @@ def train_heads(
     shuffle = torch.Generator().manual_seed(seed + 1)
     run_mean, run_var = torch.zeros(d), torch.ones(d)
     ones = torch.ones(batch, 1)
+    dense = y_train.float() if multi_label else F.one_hot(y_train, c).float()
 
     history = np.empty((cfg.epochs, g))
     best_loss = np.full(g, np.inf)
@@ -254,7 +259,7 @@ def train_heads(
     for epoch in range(cfg.epochs):
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         order = torch.randperm(n, generator=shuffle)
-        x_epoch, y_epoch = x_train[order], y_train[order]  # one gather per epoch, views per step
+        x_epoch, y_epoch = x_train[order], dense[order]  # one gather per epoch, views per step
         for s in range(steps):
             rows = slice(s * batch, (s + 1) * batch)
             xb, mu, var = batch_norm_train(x_epoch[rows])
@@ -347,6 +352,8 @@ def fit_probe(
             )
 
     fit = train(sorted(set(cfg.l2_grid)))
+    if not np.isfinite(fit.best_val_loss).any():
+        raise FloatingPointError(f"probe on {info.flag}: validation loss was never finite for any L2 value")
     best = int(np.argmin(fit.best_val_loss))
     side = edge_side(fit.l2, fit.l2[best])
     for _ in range(cfg.max_grid_extensions):

@@ -44,6 +44,7 @@ def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> Vision
         in_chans=in_chans,
         num_classes=0,
         global_pool="avg",
+        fc_norm=False,  # keep the final norm in `norm` (MAE's encoder output); features bypass it anyway
         embed_dim=spec.embed_dim,
         depth=spec.depth,
         num_heads=spec.num_heads,
@@ -97,7 +98,7 @@ def paper_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
 def build_encoder_meta(spec: ModelSpec, image_size: int, in_chans: int) -> VisionTransformer:
     """Same architecture on the meta device (no memory, no sin-cos init): for counting only."""
     return VisionTransformer(
-        img_size=image_size, patch_size=spec.patch_size, in_chans=in_chans, num_classes=0, global_pool="avg",
+        img_size=image_size, patch_size=spec.patch_size, in_chans=in_chans, num_classes=0, global_pool="avg", fc_norm=False,
         embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
     )
 
