@@ -97,3 +97,16 @@ def test_figure_rerun_overwrites_identically(tmp_path: Path) -> None:
     first = (out.read_bytes(), out.with_suffix(".svg").read_bytes())
     plot_mean_auc_vs_params(figure_summary(), out)
     assert (out.read_bytes(), out.with_suffix(".svg").read_bytes()) == first
+
+
+def test_task_examples_montage(tmp_path):
+    from biovfm.analysis.figures import plot_task_examples
+    from biovfm.data.synthetic import generate_task
+    from biovfm.io import write_npz
+
+    paths = []
+    for flag in ("chestmnist", "pathmnist"):
+        paths.append(tmp_path / f"{flag}_16.npz")
+        write_npz(paths[-1], **generate_task(flag, 20, 20, 20, size=16, seed=0))
+    png, svg = plot_task_examples(paths, tmp_path / "examples.png", per_task=5)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000 and svg.stat().st_size > 0

@@ -65,6 +65,12 @@ def _aggregate(a: argparse.Namespace) -> None:
     aggregate(a.evals, a.uri, a.out)
 
 
+def _show_tasks(a: argparse.Namespace) -> None:
+    from biovfm.analysis.figures import plot_task_examples
+
+    plot_task_examples(a.tasks, a.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="biovfm", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tasks", nargs="*", default=[], help="evaluation npz files to check for leakage")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_preprocess_corpus)
+
+    s = sub.add_parser("show-tasks", help="montage of example images and labels of each task")
+    s.add_argument("--tasks", nargs="+", required=True, help="task npz files")
+    s.add_argument("--out", required=True, help="PNG path (an SVG is written next to it)")
+    s.set_defaults(fn=_show_tasks)
 
     s = sub.add_parser("mlflow-init", help="create the MLflow store and experiment once")
     s.add_argument("--uri", required=True)

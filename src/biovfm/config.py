@@ -136,7 +136,6 @@ class PretrainSettings:
     base_lr: float
     warmup_frac: float
     weight_decay: float
-    crop_scale: tuple[float, float]
     checkpoint_every: int
     log_every: int
     threads: int
@@ -195,7 +194,6 @@ def model_spec(p: dict[str, Any], name: str) -> ModelSpec:
 
 def pretrain_job(p: dict[str, Any], method: str, model: str, modality: str, data_size: int, seed: int, code_version: str = "") -> PretrainJob:
     t = dict(p["pretrain"])
-    t["crop_scale"] = tuple(t["crop_scale"])
     return PretrainJob(
         method=method,
         model=model_spec(p, model),
@@ -239,9 +237,7 @@ def pretrain_job_from_json(text: str) -> PretrainJob:
     d = json.loads(text)
     d["model"] = ModelSpec(**d["model"])
     d["modality_sources"] = tuple(d["modality_sources"])
-    tr = d["train"]
-    tr["crop_scale"] = tuple(tr["crop_scale"])
-    d["train"] = PretrainSettings(**tr)
+    d["train"] = PretrainSettings(**d["train"])
     return PretrainJob(**d)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -120,7 +119,3 @@ def fetch_runs(uri: str, run_ids: Iterable[str]) -> list[dict[str, Any]]:
         out.append({"run_id": rid, "status": r.info.status, "params": dict(r.data.params),
                     "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)})
     return out
-
-
-def warn_offline(e: Exception) -> None:
-    warnings.warn(f"MLflow unavailable, metrics are kept in the job's own files only: {e}", stacklevel=2)

@@ -1,5 +1,6 @@
 # Helpers shared by the rules: grid expansion, paths and each job's resolved config (as JSON).
 import json
+import os
 
 from biovfm import config as cfg
 
@@ -59,4 +60,5 @@ AGGREGATE_OUTPUTS = [
     "results/figures/mean_auc_vs_params.png",
     "results/figures/task_grid.png",
     "results/figures/auc_vs_data_size.png",
+    "results/figures/task_examples.png",
 ]

@@ -1,8 +1,8 @@
 rule download:
     output:
-        tasks=expand(RAW + "/{task}.npz", task=TASKS),
-        corpus=RAW + "/corpus.npz",
-        manifest=RAW + "/manifest.json",
+        tasks=expand(f"{RAW}/{{task}}.npz", task=TASKS),
+        corpus=f"{RAW}/corpus.npz",
+        manifest=f"{RAW}/manifest.json",
     params:
         spec=json.dumps(
             dict(
@@ -11,9 +11,10 @@ rule download:
             ),
             sort_keys=True,
         ),
+        out=subpath(output.manifest, parent=True),
     log:
         "results/logs/download.log",
     message:
         "Generating the embedded synthetic benchmark"
     shell:
-        "biovfm download --spec {params.spec:q} --out {RAW:q} 2>&1 | tee {log:q}"
+        "biovfm download --spec {params.spec:q} --out {params.out:q} 2>&1 | tee {log:q}"

@@ -1,4 +1,4 @@
-TASK_FILES = expand(TASK_DIR + "/{task}_{size}.npz", task=TASKS, size=SIZE)
+TASK_FILES = expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=TASKS, size=SIZE)
 
 
 rule evaluate:
@@ -11,13 +11,14 @@ rule evaluate:
         "results/runs/{method}/{model}/{modality}/n{n}/s{seed}/eval.json",
     params:
         job=lambda w: eval_job(w, "pretrained"),
+        tasks=lambda w, input: os.path.dirname(input.tasks[0]),
     threads: config["evaluate"]["threads"]
     log:
         "results/logs/evaluate/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:
         "Linear probes of {wildcards.method} {wildcards.model} n{wildcards.n} on every task"
     shell:
-        "biovfm evaluate --job {params.job:q} --tasks {TASK_DIR:q} --checkpoint {input.checkpoint:q} "
+        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --checkpoint {input.checkpoint:q} "
         "--threads {threads} --out {output:q} 2>&1 | tee {log:q}"
 
 
@@ -29,13 +30,14 @@ rule evaluate_random_init:
         "results/baselines/random/{model}/s{seed}/eval.json",
     params:
         job=lambda w: eval_job(w, "random_init"),
+        tasks=lambda w, input: os.path.dirname(input.tasks[0]),
     threads: config["evaluate"]["threads"]
     log:
         "results/logs/evaluate/random_{model}_s{seed}.log",
     message:
         "Linear probes of a random-init {wildcards.model} (seed {wildcards.seed})"
     shell:
-        "biovfm evaluate --job {params.job:q} --tasks {TASK_DIR:q} --threads {threads} --out {output:q} 2>&1 | tee {log:q}"
+        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --out {output:q} 2>&1 | tee {log:q}"
 
 
 rule evaluate_raw_pixels:
@@ -46,10 +48,11 @@ rule evaluate_raw_pixels:
         "results/baselines/raw/pixels/eval.json",
     params:
         job=lambda w: eval_job(w, "raw_pixels"),
+        tasks=lambda w, input: os.path.dirname(input.tasks[0]),
     threads: config["evaluate"]["threads"]
     log:
         "results/logs/evaluate/raw_pixels.log",
     message:
         "Linear probes on raw pixels (baseline)"
     shell:
-        "biovfm evaluate --job {params.job:q} --tasks {TASK_DIR:q} --threads {threads} --out {output:q} 2>&1 | tee {log:q}"
+        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --out {output:q} 2>&1 | tee {log:q}"

@@ -17,8 +17,8 @@ rule mlflow_init:
 
 rule pretrain:
     input:
-        images=CORPUS_DIR + "/images.npy",
-        index=CORPUS_DIR + "/index.csv",
+        images=f"{CORPUS_DIR}/images.npy",
+        index=f"{CORPUS_DIR}/index.csv",
         mlflow=ancient(MLFLOW_INIT),
     output:
         checkpoint="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/checkpoint.safetensors",
@@ -26,12 +26,11 @@ rule pretrain:
     params:
         job=pretrain_job,
         out=subpath(output.run, parent=True),
+        corpus=subpath(input.images, parent=True),
     threads: config["pretrain"]["threads"]
-    resources:
-        gpu=0,
     log:
         "results/logs/pretrain/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:
         "Pretraining {wildcards.method} {wildcards.model} on {wildcards.n} {wildcards.modality} images (seed {wildcards.seed})"
     shell:
-        "biovfm pretrain --job {params.job:q} --corpus {CORPUS_DIR:q} --threads {threads} --out {params.out:q} 2>&1 | tee {log:q}"
+        "biovfm pretrain --job {params.job:q} --corpus {params.corpus:q} --threads {threads} --out {params.out:q} 2>&1 | tee {log:q}"

@@ -296,3 +296,24 @@ def plot_auc_vs_data_size(summary: pd.DataFrame, out_png: str | os.PathLike) -> 
         if handles:
             ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, framealpha=0.85)
         return _save(fig, out_png)
+
+
+def plot_task_examples(task_npzs: list[str | os.PathLike], out_png: str | os.PathLike, per_task: int = 10) -> tuple[Path, Path]:
+    """A montage of training images per evaluation task with their labels: what the probes are asked to tell apart."""
+    from biovfm.data.medmnist import load_npz
+
+    fig = _new_figure((per_task * 0.9, len(task_npzs) * 1.0 + 0.4))
+    axes = fig.subplots(len(task_npzs), per_task, squeeze=False)
+    for row, path in zip(axes, task_npzs):
+        data = load_npz(path)
+        flag = Path(path).stem.rsplit("_", 1)[0]
+        for j, ax in enumerate(row):
+            im, lab = data["train_images"][j], data["train_labels"][j]
+            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            text = ",".join(str(i) for i in np.flatnonzero(lab)) or "none" if len(lab) > 1 else str(lab[0])
+            ax.set_title(text, fontsize=6, pad=2)
+        row[0].set_ylabel(flag, fontsize=7)
+    fig.suptitle("Evaluation tasks: training images with labels (multi-label: positive label indices)", fontsize=9)
+    return _save(fig, out_png)

@@ -32,30 +32,29 @@ def preprocess_task(raw_npz: str | Path, out_npz: str | Path, flag: str, size: i
 
 def preprocess_corpus(raw_npz: str | Path, out_dir: str | Path, size: int, source: str,
                       task_npzs: list[str | Path] = ()) -> dict:
-    """Build the store from a raw corpus npz (keys images, modality); fails if an evaluation image leaked in."""
+    """Build the store from a raw corpus npz (keys images, modality); refuses a corpus holding evaluation images."""
     raw_npz = Path(raw_npz)
     with np.load(raw_npz, allow_pickle=False) as z:
         if set(z.files) != {"images", "modality"}:
             raise ValueError(f"{raw_npz}: a corpus npz needs exactly the keys images, modality; found {z.files}")
         images, modality = z["images"], z["modality"]
     images = resize_images(images, size)
-    counts = store.write_store(out_dir, images, np.full(len(images), source), modality)
-    leaked = leakage_count(store.load_store(out_dir), task_npzs)
+    hashes = np.array([store.content_hash(im) for im in images])
+    leaked = int(np.isin(hashes, list(evaluation_hashes(task_npzs))).sum())
     if leaked:
         raise ValueError(f"{raw_npz}: {leaked} corpus images are identical to evaluation images; the corpus must not contain them")
+    counts = store.write_store(out_dir, images, np.full(len(images), source), modality, hashes)
     report = {"source": source, **counts, "leaked": 0, "by_modality": {str(k): int(v) for k, v in zip(*np.unique(modality, return_counts=True))}}
     write_json(Path(out_dir) / "report.json", report)
     return report
 
 
-def leakage_count(corpus: store.CorpusStore, task_npzs: list[str | Path]) -> int:
-    """Number of corpus images whose content hash equals an image of any evaluation split (as RGB)."""
-    corpus_hashes = set(corpus.index["hash"])
-    n = 0
+def evaluation_hashes(task_npzs: list[str | Path]) -> set[str]:
+    """Content hashes (as RGB, the corpus convention) of every image of every split of these tasks."""
+    out = set()
     for path in task_npzs:
         data = load_npz(path)
         for split in SPLITS:
             for im in data[f"{split}_images"]:
-                rgb = im if im.ndim == 3 else np.repeat(im[..., None], 3, axis=-1)
-                n += store.content_hash(rgb) in corpus_hashes
-    return n
+                out.add(store.content_hash(im if im.ndim == 3 else np.repeat(im[..., None], 3, axis=-1)))
+    return out

@@ -46,11 +46,13 @@ class CorpusStore:
         return np.sort(eligible[order[:n]])
 
 
-def write_store(out_dir: str | Path, images: np.ndarray, sources: np.ndarray, modalities: np.ndarray) -> dict[str, int]:
+def write_store(out_dir: str | Path, images: np.ndarray, sources: np.ndarray, modalities: np.ndarray,
+                hashes: np.ndarray | None = None) -> dict[str, int]:
     """De-duplicate exact copies and write the store atomically; returns counts for the stage report."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"corpus images must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
-    hashes = np.array([content_hash(im) for im in images])
+    if hashes is None:
+        hashes = np.array([content_hash(im) for im in images])
     _, first = np.unique(hashes, return_index=True)
     keep = np.sort(first)
     out = Path(out_dir)

@@ -75,6 +75,9 @@ class MAE(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: VisionTransformer, cfg: dict[str, Any], image_size: int, in_chans: int) -> "MAE":
+        cfg = dict(cfg)
+        if "crop_scale" in cfg:
+            cfg["crop_scale"] = tuple(cfg["crop_scale"])
         return cls(encoder, image_size, in_chans, **cfg)
 
     def forward_encoder(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,7 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
     idx = store.subset(job.modality_sources, job.data_size, seed=job.seed)
     images = torch.from_numpy(np.ascontiguousarray(store.images[idx])).permute(0, 3, 1, 2).contiguous()
     encoder = build_encoder(job.model, job.image_size, job.in_chans)
-    cfg = dict(job.method_cfg)
-    if job.method == "mae":
-        cfg["crop_scale"] = t.crop_scale
-    method = build_method(job.method, encoder, cfg, job.image_size, job.in_chans)
+    method = build_method(job.method, encoder, job.method_cfg, job.image_size, job.in_chans)
     opt = torch.optim.AdamW(param_groups(method, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
     fp = fingerprint(job)
     flops_train = train_flops_per_image(method, images[:2], job.seed)

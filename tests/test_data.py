@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from biovfm.data.medmnist import NpzFormatError, TASKS, load_npz, task_info
+from biovfm.data.preprocess import evaluation_hashes, preprocess_corpus, preprocess_task, resize_images
+from biovfm.data.store import load_store, write_store
+from biovfm.data.synthetic import generate_task
+from biovfm.io import write_npz
+
+
+def _task(flag="pathmnist", size=16):
+    return generate_task(flag, 30, 20, 30, size=size, seed=0)
+
+
+def test_all_twelve_tasks_follow_the_medmnist_metadata():
+    assert len(TASKS) == 12
+    assert [f for f, t in TASKS.items() if t.n_channels == 3] == ["pathmnist", "dermamnist", "retinamnist", "bloodmnist"]
+    assert task_info("chestmnist").label_columns == 14 and task_info("breastmnist").n_outputs == 2
+
+
+@pytest.mark.parametrize(
+    "corrupt, needle",
+    [
+        (lambda d: d.pop("val_labels"), "missing ['val_labels']"),
+        (lambda d: d.update(test_images=d["test_images"].astype(np.float32)), "test_images has dtype float32, expected uint8"),
+        (lambda d: d.update(train_labels=d["train_labels"] + 20), "train_labels has values in"),
+        (lambda d: d.update(val_labels=d["val_labels"][:5]), "val_labels has shape (5, 1), expected (20, L)"),
+        (lambda d: d.update(train_images=d["train_images"][..., 0]), "train_images has 1 channel(s), task pathmnist expects 3"),
+    ],
+)
+def test_bad_npz_gets_a_clear_error_naming_the_file(tmp_path, corrupt, needle):
+    data = _task()
+    corrupt(data)
+    path = tmp_path / "pathmnist.npz"
+    write_npz(path, **data)
+    with pytest.raises(NpzFormatError) as e:
+        load_npz(path, task_info("pathmnist"))
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_truncated_npz_is_detected(tmp_path):
+    path = tmp_path / "x.npz"
+    write_npz(path, **_task())
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(NpzFormatError, match="not a readable npz"):
+        load_npz(path)
+    with pytest.raises(FileNotFoundError, match="run the download/preprocess stage"):
+        load_npz(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("size", [28, 64, 128, 224])
+def test_tasks_resize_to_any_study_size(tmp_path, size):
+    raw = tmp_path / "raw.npz"
+    write_npz(raw, **_task("octmnist"))
+    out = tmp_path / f"octmnist_{size}.npz"
+    preprocess_task(raw, out, "octmnist", size)
+    data = load_npz(out, task_info("octmnist"))
+    assert data["train_images"].shape[1:] == (size, size) and data["train_images"].dtype == np.uint8
+    assert np.array_equal(data["train_labels"], _task("octmnist")["train_labels"])
+
+
+def test_resize_keeps_rgb_and_identity_at_equal_size():
+    x = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert resize_images(x, 16) is x and resize_images(x, 32).shape == (3, 32, 32, 3)
+
+
+def test_store_drops_exact_duplicates(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    x[3] = x[1]
+    counts = write_store(tmp_path, x, np.full(5, "s"), np.array(["ct"] * 5))
+    assert counts == {"read": 5, "duplicates": 1, "kept": 4}
+    assert len(load_store(tmp_path)) == 4
+
+
+def test_corpus_leaking_an_evaluation_image_fails_preprocess(tmp_path):
+    task = _task("octmnist")
+    write_npz(tmp_path / "octmnist_16.npz", **task)
+    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    images[2] = np.repeat(task["test_images"][4][..., None], 3, axis=-1)  # a test image slipped into the corpus
+    write_npz(tmp_path / "corpus.npz", images=images, modality=np.array(["oct"] * 6))
+    with pytest.raises(ValueError, match="1 corpus images are identical to evaluation images"):
+        preprocess_corpus(tmp_path / "corpus.npz", tmp_path / "store", 16, "synthetic", [tmp_path / "octmnist_16.npz"])
+    assert not (tmp_path / "store").exists()  # nothing written that a scheduler could take as done
+    assert len(evaluation_hashes([tmp_path / "octmnist_16.npz"])) == 80
