@@ -28,6 +28,8 @@ def test_defaults_filled_for_missing_sections(raw_params):
         (lambda p: p["models"]["femto"].update(patch_size=5), "models.femto.patch_size=5 does not divide data.image_size=16"),
         (lambda p: p["grid"]["data_sizes"].append(10_000), "grid.data_sizes: 10000 exceeds data.synthetic.corpus_size"),
         (lambda p: p["grid"].update(methods=["simclr"]), "grid.methods[0]: 'simclr' is not one of"),
+        (lambda p: (p.update(modalities={"xray": ["xray"]}), p["grid"].update(modalities=["xray"])),
+         "grid.data_sizes: 60 images of modality mix 'xray' need a larger corpus (about 20 of"),
     ],
 )
 def test_bad_params_name_the_key(raw_params, edit, needle):

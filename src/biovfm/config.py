@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import jsonschema
 import yaml
 
+from biovfm.data.medmnist import MODALITIES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 
@@ -116,6 +118,13 @@ def _check_references(p: dict[str, Any], source: str) -> None:
                 raise ParamsError(
                     f"{source}: grid.data_sizes: {n} exceeds data.synthetic.corpus_size={pool}; raise corpus_size or drop the value"
                 )
+            for name in grid["modalities"]:
+                have = pool * len(p["modalities"][name]) // len(MODALITIES)  # the synthetic corpus: an equal mix of all
+                if n > have:
+                    raise ParamsError(
+                        f"{source}: grid.data_sizes: {n} images of modality mix {name!r} need a larger corpus "
+                        f"(about {have} of data.synthetic.corpus_size={pool} are {name}); raise corpus_size"
+                    )
 
 
 # --------------------------------------------------------------------------------------------- typed views

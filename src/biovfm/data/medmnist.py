@@ -125,6 +125,3 @@ def _check_labels(info: TaskInfo, x: np.ndarray, y: np.ndarray, where: str) -> N
             f"{where}_labels has values in [{y.min()}, {y.max()}], task {info.flag} ({info.task}) expects [0, {hi}]"
         )
 
-
-def image_size(data: dict[str, np.ndarray]) -> int:
-    return int(data["train_images"].shape[1])

@@ -26,9 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from biovfm.data.medmnist import MULTI_LABEL, SPLITS, TASKS
-
-MODALITIES: tuple[str, ...] = tuple(sorted({t.modality for t in TASKS.values()}))
+from biovfm.data.medmnist import MODALITIES, MULTI_LABEL, SPLITS, TASKS  # noqa: F401  (MODALITIES re-exported)
 
 N_STYLES = 4096  # styles per modality
 CORPUS_STYLE_EXPONENT = 1.1  # heavy tail: few head styles dominate small corpora
