@@ -34,7 +34,8 @@ def load_encoder(path: str | Path, spec: ModelSpec, image_size: int, in_chans: i
 @torch.no_grad()
 def encoder_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     in_chans = encoder.patch_embed.proj.in_channels
-    out = [patch_features(encoder, normalize(to_nchw(images[i:i + batch_size], in_chans)))
+    device = encoder.pos_embed.device
+    out = [patch_features(encoder, normalize(to_nchw(images[i:i + batch_size], in_chans).to(device))).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.float32)
 

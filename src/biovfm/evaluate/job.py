@@ -15,7 +15,7 @@ from biovfm.data.medmnist import SPLITS, load_npz, task_info
 from biovfm.evaluate.features import encoder_features, load_encoder, raw_pixel_features
 from biovfm.evaluate.probe import ProbeConfig, fit_probe
 from biovfm.io import read_json, write_json
-from biovfm.models.vit import build_encoder, count_flops_per_image, encoder_params, paper_params
+from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
 
 
 def task_path(tasks_dir: str | Path, flag: str, size: int) -> Path:
@@ -40,6 +40,8 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
     encoder, meta = _encoder_and_meta(job, checkpoint)
+    if encoder is not None:
+        encoder = encoder.to(default_device())
     probe_cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.probe.items()})
     results: dict[str, dict[str, Any]] = {}
     for flag in job.tasks:

@@ -27,13 +27,16 @@ def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
 
-def random_masking(b: int, n: int, ratio: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random permutation; returns kept indices (B, K), binary mask (B, N; 1 = masked), restore order."""
+def random_masking(b: int, n: int, ratio: float, generator: torch.Generator | None,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random permutation; returns kept indices (B, K), binary mask (B, N; 1 = masked), restore order.
+
+    The noise is drawn on the CPU generator, so masks are identical on every device."""
     keep = max(1, int(round(n * (1 - ratio))))
-    noise = torch.rand(b, n, generator=generator)
+    noise = torch.rand(b, n, generator=generator).to(device)
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
-    mask = torch.ones(b, n)
+    mask = torch.ones(b, n, device=device)
     mask[:, :keep] = 0
     mask = mask.gather(1, restore)
     return shuffle[:, :keep], mask, restore
@@ -100,7 +103,7 @@ class MAE(nn.Module):
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs: normalised (B, C, H, W). Returns loss, prediction (B, N, p*p*C) and mask (B, N)."""
-        keep, mask, restore = random_masking(imgs.shape[0], self.grid**2, self.mask_ratio, generator)
+        keep, mask, restore = random_masking(imgs.shape[0], self.grid**2, self.mask_ratio, generator, imgs.device)
         pred = self.forward_decoder(self.forward_encoder(imgs, keep), restore)
         loss = masked_mse(pred, patchify(imgs, self.p), mask, self.norm_pix_loss)
         return loss, pred, mask

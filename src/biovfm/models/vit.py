@@ -18,6 +18,11 @@ from biovfm.config import ModelSpec
 PAPER_DECODER = dict(dim=512, depth=8, heads=16)
 
 
+def default_device() -> torch.device:
+    """CUDA when present (cluster jobs), else CPU; CPU runs are the deterministic reference."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """2-D sin-cos position embedding, shape (1, [1 +] grid*grid, dim); half the channels per axis."""
     if dim % 4:
@@ -105,7 +110,7 @@ def build_encoder_meta(spec: ModelSpec, image_size: int, in_chans: int) -> Visio
 
 def count_flops_per_image(encoder: VisionTransformer, image_size: int, in_chans: int = 3) -> float:
     """Forward FLOPs of one image through the encoder, measured with torch's FLOP counter."""
-    x = torch.zeros(1, in_chans, image_size, image_size)
+    x = torch.zeros(1, in_chans, image_size, image_size, device=encoder.pos_embed.device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         encoder.forward_features(x)
     return float(counter.get_total_flops())

@@ -14,7 +14,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
-    """Random-resized-crop (and horizontal flip) of a whole batch with one ``affine_grid``; output keeps the size."""
+    """Random-resized-crop (and horizontal flip) of a whole batch with one ``affine_grid``; output keeps the size.
+
+    Crop parameters come from the CPU generator (same crops on every device); the resampling runs where ``x`` is."""
     b = x.shape[0]
     area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
     log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -31,5 +33,5 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: 
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = sh
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -19,7 +19,7 @@ from biovfm.config import PretrainJob
 from biovfm.data.store import load_store
 from biovfm.io import write_json, write_text
 from biovfm.methods import build_method
-from biovfm.models.vit import build_encoder, count_flops_per_image, encoder_params, paper_params
+from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
 from biovfm.train.checkpoint import load_state, save_encoder, save_state
 from biovfm.train.schedule import warmup_cosine
 
@@ -70,6 +70,7 @@ def train_flops_per_image(method: torch.nn.Module, batch: torch.Tensor, seed: in
 
 def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir)
+    device = default_device()
     out.mkdir(parents=True, exist_ok=True)
     t = job.train
     torch.set_num_threads(t.threads)
@@ -78,10 +79,10 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
     idx = store.subset(job.modality_sources, job.data_size, seed=job.seed)
     images = torch.from_numpy(np.ascontiguousarray(store.images[idx])).permute(0, 3, 1, 2).contiguous()
     encoder = build_encoder(job.model, job.image_size, job.in_chans)
-    method = build_method(job.method, encoder, job.method_cfg, job.image_size, job.in_chans)
+    method = build_method(job.method, encoder, job.method_cfg, job.image_size, job.in_chans).to(device)
     opt = torch.optim.AdamW(param_groups(method, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
     fp = fingerprint(job)
-    flops_train = train_flops_per_image(method, images[:2], job.seed)
+    flops_train = train_flops_per_image(method, images[:2].to(device), job.seed)
     flops_fwd = count_flops_per_image(encoder, job.image_size, job.in_chans)
 
     history: list[dict[str, float]] = []
@@ -105,7 +106,7 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
         lr = warmup_cosine(step, t.steps, t.lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = images[batch_indices(len(images), t.batch_size, step, job.seed)]
+        batch = images[batch_indices(len(images), t.batch_size, step, job.seed)].to(device, non_blocking=True)
         loss, logs = method.training_step(batch, step_generator(job.seed, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,6 +136,7 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
         "flops_per_image": flops_fwd, "train_flops_per_image": flops_train, "train_flops": flops_train * images_seen,
         "wall_time_s": wall, "images_per_s": (t.steps - start) * t.batch_size / max(1e-9, time.perf_counter() - t0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
         "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
         "subset_hash": hashlib.sha1(idx.tobytes()).hexdigest()[:12], "fingerprint": fp, "mlflow_run_id": run.run_id,
     }
