@@ -122,6 +122,8 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
             run.log_series(pending)
             pending = []
         if done % t.checkpoint_every == 0 and done < t.steps:
+            run.log_series(pending)  # what a resumed job will not replay
+            pending = []
             save_state(out, {"run_id": job.run_id, "fingerprint": fp, "step": done, "model": method.state_dict(),
                              "optimizer": opt.state_dict(), "history": json.dumps(history), "mlflow_run_id": run.run_id,
                              "elapsed": elapsed_before + time.perf_counter() - t0})
