@@ -89,6 +89,14 @@ def test_at_edge_after_max_extensions() -> None:
     assert r.l2 == pytest.approx(0.01) and r.at_edge
 
 
+def test_low_edge_stops_once_the_penalty_no_longer_matters() -> None:
+    """Noiseless labels: weaker penalties keep winning until they make no difference to the validation loss;
+    that is the unregularised limit, reached inside the grid search, so the choice is not reported as at an edge."""
+    x, y, info = linear_task("octmnist", d=32, noise=0.0)
+    r = fit_probe(x, y, info, ProbeConfig(l2_grid=(1e-8, 1e-7, 1e-6), max_grid_extensions=3))
+    assert r.l2_grid == [1e-8, 1e-7, 1e-6] and not r.at_edge and r.l2 == pytest.approx(1e-8)
+
+
 def test_extend_grid_continues_log_step() -> None:
     assert extend_grid([1e-3, 1e-2, 1e-1], "low") == pytest.approx([1e-5, 1e-4])
     assert extend_grid([1e-3, 1e-2, 1e-1], "high") == pytest.approx([1.0, 10.0])

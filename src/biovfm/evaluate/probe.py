@@ -122,6 +122,18 @@ def edge_side(grid: list[float], chosen: float) -> str | None:
     return None
 
 
+def _open_edge(fit: "HeadFit", best: int, rel_tol: float = 1e-3) -> str | None:
+    """The edge to extend the grid beyond, or None. At the low edge the search is over once the two weakest
+    penalties give the same validation loss: the probe has reached its unregularised limit (where early
+    stopping on validation loss is the regulariser), and smaller values cannot change the choice."""
+    side = edge_side(fit.l2, fit.l2[best])
+    if side == "low" and len(fit.l2) > 1:
+        a, b = float(fit.best_val_loss[0]), float(fit.best_val_loss[1])
+        if abs(a - b) <= rel_tol * abs(b):
+            return None
+    return side
+
+
 def _targets(y: np.ndarray, info: TaskInfo, split: str) -> torch.Tensor:
     y = np.asarray(y)
     if y.ndim == 1:
@@ -355,13 +367,13 @@ def fit_probe(
     if not np.isfinite(fit.best_val_loss).any():
         raise FloatingPointError(f"probe on {info.flag}: validation loss was never finite for any L2 value")
     best = int(np.argmin(fit.best_val_loss))
-    side = edge_side(fit.l2, fit.l2[best])
+    side = _open_edge(fit, best)
     for _ in range(cfg.max_grid_extensions):
         if side is None:
             break
         fit = _merge(fit, train(extend_grid(fit.l2, side)))
         best = int(np.argmin(fit.best_val_loss))
-        side = edge_side(fit.l2, fit.l2[best])
+        side = _open_edge(fit, best)
 
     val_scores = scores_from_logits(head_logits(fit, best, feats["val"]), info.task)
     test_scores = scores_from_logits(head_logits(fit, best, feats["test"]), info.task)
