@@ -75,3 +75,15 @@ def test_patch_features_excludes_cls_and_final_norm():
     f = patch_features(enc, x)
     tokens = enc.blocks(enc.norm_pre(enc._pos_embed(enc.patch_embed(x))))
     assert torch.allclose(f, tokens[:, 1:].mean(1))
+
+
+def test_parameter_counts_match_the_paper_x_axis():
+    """Encoder + standard MAE decoder, fixed pos-emb excluded: the paper's 31.2 / 47.4 / 111.66 / 329.24 M."""
+    from biovfm.models.vit import encoder_params, paper_params
+
+    ladder = {"tiny": (192, 12, 3, 31.20, 5.52), "small": (384, 12, 6, 47.40, 21.67),
+              "base": (768, 12, 12, 111.66, 85.80), "large": (1024, 24, 16, 329.24, 303.30)}
+    for name, (dim, depth, heads, paper_m, enc_m) in ladder.items():
+        spec = ModelSpec(name, dim, depth, heads, 16)
+        assert paper_params(spec, 224) / 1e6 == pytest.approx(paper_m, abs=0.005)
+        assert encoder_params(spec, 224) / 1e6 == pytest.approx(enc_m, abs=0.005)

@@ -12,7 +12,6 @@ from biovfm.io import read_json, write_json, write_text
 
 SUMMARY_COLUMNS = ["run_id", "kind", "method", "model", "modality", "data_size", "seed", "task", "auc", "acc",
                    "params_encoder", "params_paper", "flops_per_image", "images_seen", "train_steps", "mlflow_run_id"]
-KIND_METHOD = {"random_init": "random", "raw_pixels": "raw"}
 
 
 def summary_from_runs(runs: list[dict[str, Any]]) -> pd.DataFrame:
@@ -27,7 +26,7 @@ def summary_from_runs(runs: list[dict[str, Any]]) -> pd.DataFrame:
             task = key[len("auc."):]
             rows.append({
                 "run_id": tags["grid_id"], "kind": kind,
-                "method": tags.get("method", KIND_METHOD.get(kind, "")),
+                "method": tags.get("method", ""),
                 "model": tags.get("model", ""),
                 "modality": tags.get("modality", ""),
                 "data_size": int(float(tags.get("data_size", 0))), "seed": int(float(tags.get("seed", 0))),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,11 +39,11 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
     return torch.from_numpy(emb).float().unsqueeze(0)
 
 
-def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> VisionTransformer:
-    """A timm ViT without a head; ``forward_features`` returns tokens after the final norm."""
+def _vit(spec: ModelSpec, image_size: int, in_chans: int) -> VisionTransformer:
+    """The architecture alone (also built on the meta device for counting)."""
     if image_size % spec.patch_size:
         raise ValueError(f"model {spec.name}: patch size {spec.patch_size} does not divide image size {image_size}")
-    model = VisionTransformer(
+    return VisionTransformer(
         img_size=image_size,
         patch_size=spec.patch_size,
         in_chans=in_chans,
@@ -57,6 +57,11 @@ def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> Vision
         qkv_bias=True,
         class_token=True,
     )
+
+
+def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> VisionTransformer:
+    """A timm ViT without a head, with fixed sin-cos position embeddings."""
+    model = _vit(spec, image_size, in_chans)
     grid = image_size // spec.patch_size
     with torch.no_grad():
         model.pos_embed.copy_(sincos_pos_embed(spec.embed_dim, grid))
@@ -78,7 +83,7 @@ def patch_features(encoder: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
 def encoder_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
     """All encoder parameters, position embedding included (the paper's 'encoder params')."""
     with torch.device("meta"):
-        enc = build_encoder_meta(spec, image_size, in_chans)
+        enc = _vit(spec, image_size, in_chans)
     return sum(p.numel() for p in enc.parameters())
 
 
@@ -86,9 +91,7 @@ def paper_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
     """Trainable parameters as the paper's x-axis counts them: encoder + standard MAE decoder, no fixed pos-emb."""
     d = PAPER_DECODER
     with torch.device("meta"):
-        enc = build_encoder_meta(spec, image_size, in_chans)
-        from timm.models.vision_transformer import Block
-
+        enc = _vit(spec, image_size, in_chans)
         blocks = nn.ModuleList(Block(d["dim"], d["heads"], spec.mlp_ratio, qkv_bias=True) for _ in range(d["depth"]))
         extra = (
             spec.embed_dim * d["dim"] + d["dim"]  # decoder_embed
@@ -98,14 +101,6 @@ def paper_params(spec: ModelSpec, image_size: int, in_chans: int = 3) -> int:
         )
     enc_trainable = sum(p.numel() for n, p in enc.named_parameters() if n != "pos_embed")
     return enc_trainable + sum(p.numel() for p in blocks.parameters()) + extra
-
-
-def build_encoder_meta(spec: ModelSpec, image_size: int, in_chans: int) -> VisionTransformer:
-    """Same architecture on the meta device (no memory, no sin-cos init): for counting only."""
-    return VisionTransformer(
-        img_size=image_size, patch_size=spec.patch_size, in_chans=in_chans, num_classes=0, global_pool="avg", fc_norm=False,
-        embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
-    )
 
 
 def count_flops_per_image(encoder: VisionTransformer, image_size: int, in_chans: int = 3) -> float:
