@@ -7,8 +7,9 @@ from conftest import REPO
 
 def test_default_params_validate_and_fill_defaults():
     p = load_params(REPO / "params.yaml")
-    assert p["grid"]["methods"] == ["mae"]
-    assert len(list(grid_points(p))) == len(p["grid"]["models"]) * len(p["grid"]["data_sizes"]) * len(p["grid"]["seeds"])
+    g = p["grid"]
+    assert g["methods"] == ["mae", "dino"]
+    assert len(list(grid_points(p))) == 2 * len(g["models"]) * len(g["data_sizes"]) * len(g["seeds"]) * len(g["modalities"])
     assert p["evaluate"]["probe"]["max_grid_extensions"] >= 1
 
 
@@ -28,6 +29,10 @@ def test_defaults_filled_for_missing_sections(raw_params):
         (lambda p: p["models"]["femto"].update(patch_size=5), "models.femto.patch_size=5 does not divide data.image_size=16"),
         (lambda p: p["grid"]["data_sizes"].append(10_000), "grid.data_sizes: 10000 exceeds data.synthetic.corpus_size"),
         (lambda p: p["grid"].update(methods=["simclr"]), "grid.methods[0]: 'simclr' is not one of"),
+        (lambda p: p["methods"]["dino"].update(pretrain={"lr": 1}), "methods.dino.pretrain: unknown key(s) ('lr' was unexpected)"),
+        (lambda p: p["methods"]["dino"].update(pretrain={"grad_accum": 5}), "dino: batch_size=32 is not divisible by grad_accum=5"),
+        (lambda p: p["models"]["femto"].update(patch_size={224: 16}), "no patch size for data.image_size=16 (given for 224)"),
+        (lambda p: p["methods"]["dino"].update(centering="none"), "methods.dino.centering: 'none' is not one of"),
         (lambda p: (p.update(modalities={"xray": ["xray"]}), p["grid"].update(modalities=["xray"])),
          "grid.data_sizes: 60 images of modality mix 'xray' need a larger corpus (about 20 of"),
     ],
@@ -52,3 +57,14 @@ def test_job_json_roundtrip(params):
     assert job.run_id == "mae/atto/all/n60/s0"
     ej = eval_job(params, "random_init", "random/atto/s0", "atto", 0, {"method": "random"})
     assert eval_job_from_json(to_json(ej)) == ej
+
+
+def test_method_overrides_and_patch_size_by_image_size(raw_params):
+    raw_params["methods"]["dino"]["pretrain"] = {"base_lr": 0.5, "clip_grad": 3.0}
+    raw_params["models"]["femto"]["patch_size"] = {16: 8, 224: 16}
+    p = validate_params(raw_params)
+    dino, mae = pretrain_job(p, "dino", "femto", "all", 60, 0), pretrain_job(p, "mae", "femto", "all", 60, 0)
+    assert dino.train.base_lr == 0.5 and dino.train.clip_grad == 3.0 and dino.train.steps == mae.train.steps
+    assert mae.train.base_lr == 2.0e-3 and mae.train.clip_grad == 0.0
+    assert "pretrain" not in dino.method_cfg and dino.model.patch_size == 8
+    assert pretrain_job_from_json(to_json(dino)) == dino

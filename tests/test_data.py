@@ -78,7 +78,26 @@ def test_corpus_leaking_an_evaluation_image_fails_preprocess(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     images[2] = np.repeat(task["test_images"][4][..., None], 3, axis=-1)  # a test image slipped into the corpus
     write_npz(tmp_path / "corpus.npz", images=images, modality=np.array(["oct"] * 6))
+    synthetic = [{"name": "synthetic", "kind": "synthetic", "path": str(tmp_path / "corpus.npz")}]
     with pytest.raises(ValueError, match="1 corpus images are identical to evaluation images"):
-        preprocess_corpus(tmp_path / "corpus.npz", tmp_path / "store", 16, "synthetic", [tmp_path / "octmnist_16.npz"])
+        preprocess_corpus(synthetic, tmp_path / "store", 16, [tmp_path / "octmnist_16.npz"])
     assert not (tmp_path / "store").exists()  # nothing written that a scheduler could take as done
     assert len(evaluation_hashes([tmp_path / "octmnist_16.npz"])) == 80
+
+
+def test_streamed_synthetic_corpus_equals_the_in_memory_store(tmp_path):
+    """The default study's store: streaming, sharding and workers change nothing (rows, hashes, pixels, subsets)."""
+    from biovfm.data.synthetic import MODALITIES, generate_corpus
+
+    images, modality = generate_corpus(300, MODALITIES, size=16, seed=0)
+    images[7] = images[2]
+    write_npz(tmp_path / "corpus.npz", images=images, modality=np.asarray(modality, dtype=str))
+    synthetic = [{"name": "synthetic", "kind": "synthetic", "path": str(tmp_path / "corpus.npz")}]
+    report = preprocess_corpus(synthetic, tmp_path / "streamed", 16, workers=2, shard_size=64)
+    assert report["sources"]["synthetic"]["duplicates"] == 1 and report["n_images"] == 299
+    write_store(tmp_path / "memory", images, np.full(300, "synthetic"), modality)
+    a, b = load_store(tmp_path / "streamed"), load_store(tmp_path / "memory")
+    cols = ["source", "modality", "hash"]
+    assert a.index[cols].equals(b.index[cols]) and np.array_equal(a.images[:], b.images[:])
+    for mix, n in ((list(MODALITIES), 250), (["xray"], 20)):
+        assert np.array_equal(a.subset(mix, n, seed=0), b.subset(mix, n, seed=0))

@@ -5,21 +5,33 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from biovfm.config import pretrain_job, to_json
-from biovfm.data.store import load_store
-from biovfm.train.checkpoint import CheckpointMismatch, save_state
+from biovfm.data.store import load_store, write_store
+from biovfm.data.synthetic import MODALITIES, generate_corpus
+from biovfm.train.checkpoint import CheckpointMismatch, load_state, save_state
 from biovfm.train.engine import batch_indices, fingerprint, pretrain
 from biovfm.train.schedule import warmup_cosine
 
 
-def tiny_job(params, mlflow_uri, **train):
-    job = pretrain_job(params, "mae", "femto", "all", 60, 0)
+def tiny_job(params, mlflow_uri, method="mae", **train):
+    job = pretrain_job(params, method, "femto", "all", 60, 0)
     return replace(job, tracking={"uri": mlflow_uri, "experiment": "test"}, train=replace(job.train, **train))
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path) -> Path:
+    """A small corpus of the synthetic benchmark's images (structure for DINO to find, unlike noise)."""
+    images, modality = generate_corpus(240, MODALITIES, size=16, seed=0)
+    write_store(tmp_path / "synthetic_corpus", images, np.full(len(images), "synthetic"), np.asarray(modality))
+    return tmp_path / "synthetic_corpus"
 
 
 def test_batch_indices_cover_each_epoch_once():
@@ -49,7 +61,7 @@ def test_pretrain_writes_outputs_and_is_deterministic(params, corpus_dir, mlflow
     b = pretrain(job, corpus_dir, tmp_path / "b")
     for name in ("checkpoint.safetensors", "history.csv", "config.json", "run.json"):
         assert (tmp_path / "a" / name).is_file()
-    assert not (tmp_path / "a" / "state.pt").exists()
+    assert not list((tmp_path / "a").glob("*state-*"))  # saved states are removed once the run is complete
     wa, wb = load_file(tmp_path / "a" / "checkpoint.safetensors"), load_file(tmp_path / "b" / "checkpoint.safetensors")
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert a["final_loss"] == b["final_loss"] and a["images_seen"] == 6 * 32
@@ -62,24 +74,102 @@ def test_resume_refuses_a_foreign_checkpoint(params, corpus_dir, mlflow_uri, tmp
     save_state(tmp_path, {"run_id": "mae/other/all/n9/s0", "fingerprint": "x", "step": 2})
     with pytest.raises(CheckpointMismatch, match="mae/other/all/n9/s0.*cannot resume run 'mae/femto/all/n60/s0'"):
         pretrain(job, corpus_dir, tmp_path)
+    other_config = replace(job, train=replace(job.train, base_lr=1.0))
+    save_state(tmp_path, {"run_id": job.run_id, "fingerprint": fingerprint(other_config), "step": 3})
+    with pytest.raises(CheckpointMismatch, match=f"config '{fingerprint(other_config)}'.*config '{fingerprint(job)}'"):
+        pretrain(job, corpus_dir, tmp_path)
+
+
+def test_runtime_settings_do_not_change_the_fingerprint(params, mlflow_uri):
+    job = tiny_job(params, mlflow_uri)
+    moved = replace(job, train=replace(job.train, nproc=4, threads=8, checkpoint_every=7, log_every=3, compile=True))
+    assert fingerprint(moved) == fingerprint(job)
+    assert fingerprint(replace(job, train=replace(job.train, grad_accum=2))) != fingerprint(job)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    run, fp = "mae/femto/all/n60/s0", "abc"
+    for step in (2, 4, 6):
+        save_state(tmp_path, {"run_id": run, "fingerprint": fp, "step": step, "w": torch.full((3,), float(step))})
+    assert sorted(p.name for p in tmp_path.glob("state-*.pt")) == ["state-000000004.pt", "state-000000006.pt"]
+    assert load_state(tmp_path, run, fp)["step"] == 6
+    newest = tmp_path / "state-000000006.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit that torch.load itself might not notice
+    newest.write_bytes(bytes(data))
+    logs = []
+    state = load_state(tmp_path, run, fp, log=logs.append)
+    assert state["step"] == 4 and torch.equal(state["w"], torch.full((3,), 4.0))
+    assert "corrupt checkpoint at step 6" in logs[0] and "previous good checkpoint, step 4" in logs[1]
+    (tmp_path / "state-000000004.pt").write_bytes(b"truncated")
+    logs.clear()
+    assert load_state(tmp_path, run, fp, log=logs.append) is None and "restarting from scratch" in logs[-1]
 
 
 def test_corrupt_checkpoint_restarts_from_scratch(params, corpus_dir, mlflow_uri, tmp_path, capsys):
     job = tiny_job(params, mlflow_uri, steps=3)
-    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    save_state(tmp_path, {"run_id": job.run_id, "fingerprint": fingerprint(job), "step": 2})
+    (tmp_path / "state-000000002.pt").write_bytes(b"not a checkpoint")
     meta = pretrain(job, corpus_dir, tmp_path)
-    assert "unreadable checkpoint" in capsys.readouterr().out and meta["train_steps"] == 3
+    out = capsys.readouterr().out
+    assert "corrupt checkpoint" in out and "restarting from scratch" in out and meta["train_steps"] == 3
+
+
+def test_checkpoints_load_tensors_only(tmp_path):
+    """A state holding a pickled Python object is not executed on load: it counts as corrupt."""
+    run, fp = "mae/femto/all/n60/s0", "abc"
+    save_state(tmp_path, {"run_id": run, "fingerprint": fp, "step": 1, "obj": Path("x")})  # any non-tensor class
+    logs = []
+    assert load_state(tmp_path, run, fp, log=logs.append) is None
+    assert "weights_only" in logs[0] or "Unsupported" in logs[0] or "not allowed" in logs[0].lower()
+
+
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_gradient_accumulation_matches_one_big_batch(params, corpus_dir, mlflow_uri, tmp_path, method):
+    job = tiny_job(params, mlflow_uri, method, steps=3, checkpoint_every=100, threads=1)
+    # KoLeo's nearest neighbours are searched within a forward pass (per process in DINOv2 too): not split-invariant
+    job = replace(job, method_cfg={**job.method_cfg, "koleo_weight": 0.0}) if method == "dino" else job
+    one = pretrain(job, corpus_dir, tmp_path / "one")
+    two = pretrain(replace(job, train=replace(job.train, grad_accum=4)), corpus_dir, tmp_path / "two")
+    h1 = pd.read_csv(tmp_path / "one" / "history.csv")
+    h2 = pd.read_csv(tmp_path / "two" / "history.csv")
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(h1["grad_norm"], h2["grad_norm"], rtol=1e-4)
+    w1, w2 = load_file(tmp_path / "one" / "checkpoint.safetensors"), load_file(tmp_path / "two" / "checkpoint.safetensors")
+    assert all(np.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert one["images_seen"] == two["images_seen"] == 3 * 32
+
+
+def test_dino_run_does_not_collapse_and_learns(params, synthetic_corpus, mlflow_uri, tmp_path):
+    """Teacher entropy stays away from 0 (one prototype wins) and from log K (uniform targets), the batch spreads
+    over prototypes, and the student-teacher KL falls.
+
+    DINO's loss is H(teacher) + KL(teacher || student); at initialisation every image maps to nearly the same
+    prototype (entropy near 0), so the raw loss rises while the targets spread out: the KL is what must fall."""
+    job = pretrain_job(params, "dino", "atto", "all", 240, 0)
+    job = replace(job, tracking={"uri": mlflow_uri, "experiment": "test"},
+                  train=replace(job.train, steps=80, batch_size=32, checkpoint_every=1000, log_every=20))
+    pretrain(job, synthetic_corpus, tmp_path)
+    h = pd.read_csv(tmp_path / "history.csv")
+    log_k = np.log(job.method_cfg["prototypes"])
+    late = h.iloc[len(h) // 2:]
+    assert late["teacher_entropy"].between(0.2 * log_k, 0.95 * log_k).all(), late["teacher_entropy"].describe()
+    assert late["teacher_batch_entropy"].mean() > 0.5 * log_k
+    assert h["kl"].iloc[-10:].mean() < 0.7 * h["kl"].iloc[:5].mean()
+    assert {"ibot_loss", "koleo", "grad_norm", "weight_decay"} <= set(h.columns)
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_to_the_same_weights(params, corpus_dir, mlflow_uri, tmp_path):
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_killed_job_resumes_to_the_same_weights(params, corpus_dir, mlflow_uri, tmp_path, method):
     """SIGKILL a real `biovfm pretrain` process after its first checkpoint, rerun it, compare with an uninterrupted run."""
-    job = tiny_job(params, mlflow_uri, steps=400, checkpoint_every=20, log_every=50, threads=1, batch_size=16)
+    job = tiny_job(params, mlflow_uri, method, steps=400 if method == "mae" else 150, checkpoint_every=20, log_every=50,
+                   threads=1, batch_size=16)
     cmd = [sys.executable, "-m", "biovfm.cli", "pretrain", "--job", to_json(job), "--corpus", str(corpus_dir)]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (killed / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not list(killed.glob("state-*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from biovfm.config import ModelSpec
+from biovfm.methods.base import StepContext
 from biovfm.methods.mae import MAE, masked_mse, patchify, random_masking, unpatchify
-from biovfm.models.vit import build_encoder, patch_features
+from biovfm.models.vit import build_encoder, forward_tokens, patch_features, sincos_pos_embed
 
 SPEC = ModelSpec("t", embed_dim=32, depth=2, num_heads=2, patch_size=4)
 
@@ -19,8 +20,7 @@ def test_patchify_roundtrip_any_channels(c):
 
 
 def test_random_masking_keeps_requested_fraction():
-    g = torch.Generator().manual_seed(0)
-    keep, mask, restore = random_masking(3, 16, 0.75, g)
+    keep, mask, restore = random_masking(torch.rand(3, 16, generator=torch.Generator().manual_seed(0)), 0.75)
     assert keep.shape == (3, 4)
     assert mask.sum(1).tolist() == [12.0, 12.0, 12.0]
     for b in range(3):  # kept indices are exactly the unmasked positions
@@ -45,7 +45,7 @@ def test_mae_forward_shapes_and_backward(c, norm_pix):
     enc = build_encoder(SPEC, 16, in_chans=c)
     mae = MAE(enc, 16, c, mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2, norm_pix_loss=norm_pix)
     x = torch.randn(2, c, 16, 16)
-    loss, pred, mask = mae(x, torch.Generator().manual_seed(1))
+    loss, pred, mask = mae.reconstruct(x, torch.rand(2, 16))
     assert pred.shape == (2, 16, 16 * c) and mask.shape == (2, 16)
     loss.backward()
     assert enc.patch_embed.proj.weight.grad is not None and enc.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -60,7 +60,7 @@ def test_mae_learns_on_a_tiny_batch():
     opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
     losses = []
     for step in range(40):
-        loss, _ = mae.training_step(batch, torch.Generator().manual_seed(step))
+        loss, _ = mae(batch, StepContext.single(step, len(batch)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -87,3 +87,24 @@ def test_parameter_counts_match_the_paper_x_axis():
         spec = ModelSpec(name, dim, depth, heads, 16)
         assert paper_params(spec, 224) / 1e6 == pytest.approx(paper_m, abs=0.005)
         assert encoder_params(spec, 224) / 1e6 == pytest.approx(enc_m, abs=0.005)
+
+
+def test_forward_tokens_matches_timm_at_full_size_and_takes_smaller_crops():
+    torch.manual_seed(0)
+    enc = build_encoder(SPEC, 16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(forward_tokens(enc, x), enc.forward_features(x), atol=1e-6)
+    small = forward_tokens(enc, torch.randn(2, 3, 8, 8), pos=sincos_pos_embed(32, 2, extent=4))
+    assert small.shape == (2, 1 + 4, 32)
+    with pytest.raises(ValueError, match="position embedding has 16 patches, the input 4"):
+        forward_tokens(enc, torch.randn(2, 3, 8, 8))
+
+
+def test_sincos_extent_places_a_coarse_grid_inside_the_full_one():
+    """A 2x2 grid over 4x4 cells sits at coordinates 0.5 and 2.5 of the full grid."""
+    assert torch.allclose(sincos_pos_embed(8, 4, extent=4), sincos_pos_embed(8, 4))
+    coarse = sincos_pos_embed(8, 2, extent=4)[0, 1:]
+    omega = 1.0 / 10000 ** (torch.arange(2, dtype=torch.float64) / 2.0)
+    y, x = 2.5, 0.5  # cell (1, 0) of the coarse grid
+    expect = torch.cat([torch.sin(y * omega), torch.cos(y * omega), torch.sin(x * omega), torch.cos(x * omega)]).float()
+    assert torch.allclose(coarse[2], expect, atol=1e-6)

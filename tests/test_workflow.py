@@ -1,6 +1,7 @@
 """End to end: the real Snakemake DAG on the small config in a temporary folder with its own MLflow store."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -72,33 +73,92 @@ def test_small_study_end_to_end(workdir):
     summary = pd.read_csv(res / "summary.csv", keep_default_na=False)
     p = yaml.safe_load((workdir / "params.yaml").read_text())
     n_tasks = len(p["data"]["tasks"])
-    n_pre = len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
+    n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
     n_models = n_pre + len(p["grid"]["models"]) + 1  # + random-init per size + raw pixels
     assert len(summary) == n_models * n_tasks
     assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels"}
     assert summary["auc"].between(0, 1).all() and summary["acc"].between(0, 1).all()
+    assert set(summary.loc[summary["kind"] == "pretrained", "method"]) == {"mae", "dino"}
     for fig in ("mean_auc_vs_params", "task_grid", "auc_vs_data_size"):
         assert (res / "figures" / f"{fig}.png").stat().st_size > 10_000
     headline = json.loads((res / "summary.json").read_text())
     assert headline["n_models"] == n_models
 
-    # MLflow: one run per pretraining job and per evaluation job, and the summary names exactly the latter
+    # MLflow: one run per pretraining job and per evaluation job (+ the corpus report), and the summary names
+    # exactly the evaluation runs
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
     exp = client.get_experiment_by_name(p["tracking"]["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     stages = pd.Series([r.data.tags["stage"] for r in runs]).value_counts().to_dict()
-    assert stages == {"pretrain": n_pre, "evaluate": n_models}
+    assert stages == {"preprocess": 1, "pretrain": n_pre, "evaluate": n_models}
+    corpus = json.loads((workdir / "data" / "processed" / "corpus" / "report.json").read_text())
+    assert corpus["n_images"] == corpus["sources"]["synthetic"]["kept"] == p["data"]["synthetic"]["corpus_size"]
     assert all(r.info.status == "FINISHED" for r in runs)
     eval_ids = {r.info.run_id for r in runs if r.data.tags["stage"] == "evaluate"}
     assert set(summary["mlflow_run_id"]) == eval_ids
-    loss = client.get_metric_history(next(r.info.run_id for r in runs if r.data.tags["stage"] == "pretrain"), "loss")
-    assert len(loss) == p["pretrain"]["steps"]
+    for method in p["grid"]["methods"]:
+        run = next(r for r in runs if r.data.tags["stage"] == "pretrain" and r.data.tags["method"] == method)
+        steps = p["methods"][method].get("pretrain", {}).get("steps", p["pretrain"]["steps"])
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == steps  # the live curve, every step
+        assert {"train_flops", "images_per_s", "peak_rss_mb", "wall_time_s"} <= set(run.data.metrics)
+        if method == "dino":
+            assert {"teacher_entropy", "kl", "ibot_loss"} <= set(run.data.metrics)
 
     # nothing left to do; a new data size adds exactly its jobs; a failed job leaves no output Snakemake trusts
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     p["grid"]["data_sizes"].insert(1, 120)
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
     jobs = planned_jobs(workdir)
-    assert jobs == {"pretrain": 2, "evaluate": 2, "aggregate": 1, "all": 1}
+    assert jobs == {"pretrain": 4, "evaluate": 4, "aggregate": 1, "all": 1}  # 2 methods x 2 models
+
+
+@pytest.mark.slow
+def test_medmnist_source_end_to_end(workdir):
+    """data.source: medmnist from a local mirror (MD5 overrides), plus a custom task, through the whole DAG.
+
+    The pretraining corpus is the corpus section's default for this source: the downloaded train splits.
+    """
+    import io
+
+    import numpy as np
+
+    from biovfm.data.medmnist import npz_name
+    from biovfm.data.synthetic import generate_task
+    from biovfm.io import write_npz
+    from http_mirror import Mirror
+
+    tasks = ["chestmnist", "breastmnist"]  # multi-label and binary; a 3-channel custom task below
+    files = {}
+    for flag in tasks:
+        buf = io.BytesIO()
+        np.savez(buf, **generate_task(flag, 60, 40, 60, size=28, seed=1))
+        files[npz_name(flag, 28)] = buf.getvalue()
+    md5 = {name: hashlib.md5(b).hexdigest() for name, b in files.items()}
+    write_npz(workdir / "mine" / "my_derm.npz", **generate_task("dermamnist", 60, 40, 60, size=20, seed=2))
+
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    p["grid"] |= {"methods": ["mae"], "models": p["grid"]["models"][:1], "data_sizes": [60]}  # the smallest DAG
+    p["evaluate"]["random_init"] = False
+    custom = {"name": "my_derm", "path": "mine/my_derm.npz", "task": "multi-class", "labels": list("abcdefg"),
+              "channels": 3}
+    with Mirror({name: (b, "drop_once") for name, b in files.items()}) as mirror:
+        p["data"] |= {"source": "medmnist", "tasks": tasks, "custom_tasks": [custom],
+                      "medmnist": {"base_url": mirror.url, "size": 28, "retries": 2, "backoff": 0, "md5": md5}}
+        (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+        snakemake(workdir, "--cores", "2")
+    assert sorted(n for n, _ in mirror.requests) == sorted(2 * list(files))  # each dropped once, then resumed
+    raw = workdir / "data" / "raw" / "medmnist"
+    for name in files:
+        assert (raw / name).read_bytes() == files[name] and (raw / f"{name}.md5").exists()
+    res = workdir / "results"
+    summary = pd.read_csv(res / "summary.csv", keep_default_na=False)
+    assert set(summary["task"]) == {*tasks, "my_derm"} and len(summary) == 2 * 3  # pretrained + raw pixels
+    assert summary["auc"].between(0, 1).all()
+    assert (res / "figures" / "task_grid.png").stat().st_size > 10_000
+
+    # a new mirror or retry policy re-downloads nothing (the server is gone, so any download would fail)
+    p["data"]["medmnist"] |= {"base_url": "http://127.0.0.1:9/elsewhere", "retries": 0}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout

@@ -18,17 +18,54 @@ def _download(a: argparse.Namespace) -> None:
     write_json(Path(a.out) / "manifest.json", manifest)
 
 
+def _download_medmnist(a: argparse.Namespace) -> None:
+    from biovfm.data.download import download_medmnist
+    from biovfm.data.medmnist import ZENODO_FILES
+
+    overrides = dict(_name_md5(x) for x in a.md5)  # a DownloadError is a RuntimeError: main() reports it
+    records = download_medmnist(a.out, a.flags, a.size, a.base_url or ZENODO_FILES, overrides, a.retries, a.timeout,
+                                a.backoff)
+    fetched = [r for r in records if r["downloaded"]]
+    print(f"[download] {len(records)} MedMNIST+ file(s) at {a.size}px verified in {a.out} "
+          f"({len(fetched)} fetched, {sum(r['bytes'] for r in fetched) / 1e6:.1f} MB)", flush=True)
+
+
+def _name_md5(text: str) -> tuple[str, str]:
+    name, sep, md5 = text.partition("=")
+    if not sep or not name or len(md5) != 32:
+        raise ValueError(f"--md5 {text!r}: expected FILE=MD5 (32 hex digits), e.g. pathmnist_64.npz=55aa9c1e...")
+    return name, md5.lower()
+
+
 def _preprocess_task(a: argparse.Namespace) -> None:
+    import json
+
+    from biovfm.data.medmnist import task_info_from_dict
     from biovfm.data.preprocess import preprocess_task
 
-    preprocess_task(a.raw, a.out, a.task, a.size)
+    info = task_info_from_dict(json.loads(a.info)) if a.info else a.task
+    preprocess_task(a.raw, a.out, info, a.size)
 
 
 def _preprocess_corpus(a: argparse.Namespace) -> None:
-    from biovfm.data.preprocess import preprocess_corpus
+    import json
 
-    report = preprocess_corpus(a.raw, a.out, a.size, a.source, a.tasks)
-    print(f"[preprocess] corpus: {report['kept']} images kept, {report['duplicates']} duplicates dropped, no leakage", flush=True)
+    from biovfm.data import store
+    from biovfm.data.preprocess import log_corpus_report, preprocess_corpus
+
+    spec = json.loads(a.spec)
+    report = preprocess_corpus(spec["sources"], a.out, a.size, a.tasks, workers=a.workers,
+                               shard_size=spec.get("shard_size", store.DEFAULT_SHARD_SIZE),
+                               max_bad_fraction=spec.get("max_bad_fraction", 0.01), on_leak=spec.get("on_leak", "fail"))
+    for name, s in report["sources"].items():
+        print(f"[preprocess] {name}: {s['files']} inputs, {s['read']} images read, {s['skipped']} skipped "
+              f"({s['bad']} bad), {s['blank']} blank, {s['duplicates']} duplicates, {s['leaked']} left out as "
+              f"evaluation images, {s['kept']} kept {s['by_modality']}", flush=True)
+    print(f"[preprocess] corpus: {report['n_images']} images in {report['shards']} shard(s) at {a.out}; "
+          f"{report['images_per_second']:.0f} images/s with {a.workers} worker(s); by modality {report['by_modality']}",
+          flush=True)
+    if a.tracking_uri:
+        log_corpus_report(report, Path(a.out) / store.REPORT, a.tracking_uri, a.experiment)
 
 
 def _mlflow_init(a: argparse.Namespace) -> None:
@@ -39,13 +76,46 @@ def _mlflow_init(a: argparse.Namespace) -> None:
     write_json(a.out, {"tracking_uri": tracking.resolve_uri(a.uri), "experiment": a.experiment, "experiment_id": exp})
 
 
+def _models(a: argparse.Namespace) -> None:
+    from biovfm.config import load_params, model_spec
+    from biovfm.models.vit import encoder_params, paper_params
+
+    p = load_params(a.params)
+    size = a.image_size or p["data"]["image_size"]
+    p["data"]["image_size"] = size
+    print(f"ViT ladder at {size} px (paper params: encoder + standard MAE decoder, fixed position embeddings excluded)")
+    print(f"{'model':8} {'dim':>5} {'depth':>5} {'heads':>5} {'patch':>5} {'tokens':>6} {'encoder M':>10} {'paper M':>9}")
+    for name in p["models"]:
+        try:
+            spec = model_spec(p, name)
+        except ValueError as e:
+            print(f"{name:8} skipped: {e}")
+            continue
+        print(f"{name:8} {spec.embed_dim:5d} {spec.depth:5d} {spec.num_heads:5d} {spec.patch_size:5d} "
+              f"{(size // spec.patch_size) ** 2:6d} {encoder_params(spec, size) / 1e6:10.2f} {paper_params(spec, size) / 1e6:9.2f}")
+
+
 def _pretrain(a: argparse.Namespace) -> None:
     from biovfm.config import pretrain_job_from_json
+    from biovfm.train import distributed
     from biovfm.train.engine import pretrain
 
     job = pretrain_job_from_json(a.job)
-    if a.threads:
-        job = replace(job, train=replace(job.train, threads=a.threads))
+    nproc = job.train.nproc if a.processes is None else a.processes
+    if nproc == 0:
+        import torch
+
+        nproc = max(1, torch.cuda.device_count())
+    threads = a.threads or job.train.threads
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        # Re-run this very command as nproc processes; each gets its share of the job's threads.
+        argv = ["pretrain", "--job", a.job, "--corpus", a.corpus, "--out", a.out, "--processes", str(nproc),
+                "--threads", str(max(1, threads // nproc))]
+        status = distributed.relaunch(nproc, argv)
+        if status:
+            raise RuntimeError(f"torchrun with {nproc} processes exited with status {status}")
+        return
+    job = replace(job, train=replace(job.train, threads=threads, nproc=nproc))
     pretrain(job, a.corpus, a.out)
 
 
@@ -80,25 +150,45 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_download)
 
+    s = sub.add_parser("download-medmnist", help="fetch and verify real MedMNIST+ npz files (resume, retries, MD5)")
+    s.add_argument("--flags", nargs="+", required=True, help="MedMNIST 2D flags, e.g. pathmnist chestmnist")
+    s.add_argument("--size", type=int, required=True, help="28, 64, 128 or 224")
+    s.add_argument("--out", required=True, help="folder for <flag>[_<size>].npz (+ a .md5 sidecar each)")
+    s.add_argument("--base-url", default=None, help="folder URL of the files (a mirror); default: the Zenodo record")
+    s.add_argument("--md5", nargs="*", default=[], metavar="FILE=MD5", help="MD5 overrides for re-packed mirrors")
+    s.add_argument("--retries", type=int, default=5)
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    s.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry (doubling)")
+    s.set_defaults(fn=_download_medmnist)
+
     s = sub.add_parser("preprocess-task", help="resize one evaluation task to the study's image size")
     s.add_argument("--task", required=True)
+    s.add_argument("--info", default="", help="task description (TaskInfo JSON) for a custom task")
     s.add_argument("--raw", required=True)
     s.add_argument("--size", type=int, required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_preprocess_task)
 
-    s = sub.add_parser("preprocess-corpus", help="build the pretraining store (dedup, index, leakage check)")
-    s.add_argument("--raw", required=True)
-    s.add_argument("--size", type=int, required=True)
-    s.add_argument("--source", default="synthetic")
-    s.add_argument("--tasks", nargs="*", default=[], help="evaluation npz files to check for leakage")
-    s.add_argument("--out", required=True)
+    s = sub.add_parser("preprocess-corpus", help="build the pretraining store from corpus.sources (dedup, leakage "
+                       "check, per-source report)")
+    s.add_argument("--spec", required=True, help="the corpus section (JSON): sources, shard_size, max_bad_fraction, on_leak")
+    s.add_argument("--size", type=int, required=True, help="the study's image size")
+    s.add_argument("--tasks", nargs="*", default=[], help="evaluation npz files (every split is checked for leakage)")
+    s.add_argument("--workers", type=int, default=1, help="reader processes (Snakemake's {threads})")
+    s.add_argument("--tracking-uri", default="", help="MLflow store to log the report to, if it exists")
+    s.add_argument("--experiment", default="biovfm-scale")
+    s.add_argument("--out", required=True, help="store folder (replaced as a whole on success)")
     s.set_defaults(fn=_preprocess_corpus)
 
     s = sub.add_parser("show-tasks", help="montage of example images and labels of each task")
     s.add_argument("--tasks", nargs="+", required=True, help="task npz files")
     s.add_argument("--out", required=True, help="PNG path (an SVG is written next to it)")
     s.set_defaults(fn=_show_tasks)
+
+    s = sub.add_parser("models", help="the ViT ladder with parameter counts (encoder-only and as the paper counts them)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--image-size", type=int, default=0, help="default: data.image_size of the params")
+    s.set_defaults(fn=_models)
 
     s = sub.add_parser("mlflow-init", help="create the MLflow store and experiment once")
     s.add_argument("--uri", required=True)
@@ -110,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--job", required=True, help="resolved job config (JSON)")
     s.add_argument("--corpus", required=True)
     s.add_argument("--threads", type=int, default=0, help="override the job's thread count (Snakemake's {threads})")
+    s.add_argument("--processes", type=int, default=None,
+                   help="processes (torchrun, DDP) for this job; default pretrain.nproc; 0 = one per visible GPU")
     s.add_argument("--out", required=True, help="run directory")
     s.set_defaults(fn=_pretrain)
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import jsonschema
 import yaml
 
-from biovfm.data.medmnist import MODALITIES
+from biovfm.data.medmnist import BINARY, MODALITIES, SIZES, TASKS, TaskInfo, task_info, task_info_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
@@ -47,12 +47,16 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml") -> dict
     Returns a new dict; raises :class:`ParamsError` naming ``source`` and the key path.
     """
     params = copy.deepcopy(params)
+    for m in (params.get("models") or {}).values():  # YAML reads `{28: 4}` with int keys; JSON schema wants strings
+        if isinstance(m, dict) and isinstance(m.get("patch_size"), dict):
+            m["patch_size"] = {str(k): v for k, v in m["patch_size"].items()}
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = _defaulting_validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_key_path(e)}: {_short_message(e)}" for e in errors[:10]]
         raise ParamsError(f"{source}: invalid parameters:\n" + "\n".join(lines))
+    _check_data(params, source)
     _check_references(params, source)
     return params
 
@@ -85,6 +89,29 @@ def _short_message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def _check_data(p: dict[str, Any], source: str) -> None:
+    """Resolve data.medmnist.size (null: the study's size when MedMNIST+ has it) and check the custom tasks."""
+    d = p["data"]
+    m = d["medmnist"]
+    if m["size"] is None and d["image_size"] in SIZES:
+        m["size"] = d["image_size"]
+    if d["source"] == "medmnist" and m["size"] is None:
+        raise ParamsError(
+            f"{source}: data.medmnist.size: data.image_size={d['image_size']} is not a MedMNIST+ size; set "
+            f"data.medmnist.size to one of {', '.join(map(str, SIZES))} (the files are resized to data.image_size)"
+        )
+    seen: set[str] = set()
+    for i, t in enumerate(d["custom_tasks"]):
+        where = f"{source}: data.custom_tasks[{i}] ({t['name']})"
+        if t["name"] in TASKS:
+            raise ParamsError(f"{where}: name is a MedMNIST task; pick another name (MedMNIST tasks go in data.tasks)")
+        if t["name"] in seen:
+            raise ParamsError(f"{where}: name used twice; each custom task needs its own name")
+        seen.add(t["name"])
+        if t["task"] == BINARY and len(t["labels"]) != 2:
+            raise ParamsError(f"{where}: a binary-class task has 2 labels (negative, positive), got {len(t['labels'])}")
+
+
 def _check_references(p: dict[str, Any], source: str) -> None:
     grid = p["grid"]
     for name in grid["models"]:
@@ -101,9 +128,10 @@ def _check_references(p: dict[str, Any], source: str) -> None:
     size = p["data"]["image_size"]
     for name in grid["models"]:
         m = p["models"][name]
-        if size % m["patch_size"]:
+        patch = resolve_patch_size(m["patch_size"], size, f"{source}: models.{name}.patch_size")
+        if size % patch:
             raise ParamsError(
-                f"{source}: models.{name}.patch_size={m['patch_size']} does not divide data.image_size={size}; "
+                f"{source}: models.{name}.patch_size={patch} does not divide data.image_size={size}; "
                 f"pick a patch size that divides {size} for this study"
             )
         if m["embed_dim"] % m["num_heads"]:
@@ -111,7 +139,41 @@ def _check_references(p: dict[str, Any], source: str) -> None:
     mae = p["methods"]["mae"]
     if mae["decoder_dim"] % mae["decoder_heads"]:
         raise ParamsError(f"{source}: methods.mae: decoder_dim is not divisible by decoder_heads")
-    if p["data"]["source"] == "synthetic":
+    for method in grid["methods"]:
+        t = train_settings(p, method)
+        if t.batch_size % t.grad_accum:
+            raise ParamsError(f"{source}: {method}: batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}")
+    _check_corpus(p, source)
+
+
+def _check_corpus(p: dict[str, Any], source: str) -> None:
+    """Resolve corpus.sources (defaults per kind) and check them against the grid's modality mixes.
+
+    Image counts are known from params only for the synthetic corpus (an equal mix of the nine task modalities),
+    so the data-size check stays exact there; for real sources the store's report.json gives the counts, and a
+    pretraining job asking a mix for more images than the store holds fails with the counts by modality."""
+    from biovfm.data.sources import SourceError, default_sources, source_from_dict, source_to_dict, static_modalities
+
+    c, grid = p["corpus"], p["grid"]
+    c.setdefault("sources", default_sources(p["data"]))
+    try:
+        srcs = [source_from_dict(d, p["data"]) for d in c["sources"]]
+    except SourceError as e:
+        raise ParamsError(f"{source}: corpus.sources: {e}") from None
+    names = [s.name for s in srcs]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ParamsError(f"{source}: corpus.sources: names must be unique; repeated: {', '.join(dupes)}")
+    c["sources"] = [source_to_dict(s) for s in srcs]
+    known = [static_modalities(s) for s in srcs]
+    if all(k is not None for k in known):
+        have = set().union(*known)
+        for name in grid["modalities"]:
+            if not set(p["modalities"][name]) & have:
+                raise ParamsError(
+                    f"{source}: grid.modalities: mix {name!r} ({', '.join(p['modalities'][name])}) has no images in "
+                    f"corpus.sources, which provide {', '.join(sorted(have))}; add a source of that modality or drop the mix"
+                )
+    if all(s.kind == "synthetic" for s in srcs):
         pool = p["data"]["synthetic"]["corpus_size"]
         for n in grid["data_sizes"]:
             if n > pool:
@@ -119,7 +181,8 @@ def _check_references(p: dict[str, Any], source: str) -> None:
                     f"{source}: grid.data_sizes: {n} exceeds data.synthetic.corpus_size={pool}; raise corpus_size or drop the value"
                 )
             for name in grid["modalities"]:
-                have = pool * len(p["modalities"][name]) // len(MODALITIES)  # the synthetic corpus: an equal mix of all
+                share = len(set(p["modalities"][name]) & set(MODALITIES))
+                have = pool * share // len(MODALITIES)  # the synthetic corpus: an equal mix of the task modalities
                 if n > have:
                     raise ParamsError(
                         f"{source}: grid.data_sizes: {n} images of modality mix {name!r} need a larger corpus "
@@ -140,11 +203,21 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class PretrainSettings:
+    """Engine settings of one method (params ``pretrain`` merged with ``methods.<name>.pretrain``)."""
+
     steps: int
-    batch_size: int
+    batch_size: int  # global: fixed whatever the number of processes and accumulation steps
     base_lr: float
     warmup_frac: float
     weight_decay: float
+    weight_decay_end: float | None
+    betas: tuple[float, float]
+    clip_grad: float
+    layer_decay: float
+    grad_accum: int
+    precision: str
+    compile: bool
+    nproc: int
     checkpoint_every: int
     log_every: int
     threads: int
@@ -192,17 +265,51 @@ class EvalJob:
     tracking: dict[str, str]
     code_version: str = ""
     descriptors: dict[str, Any] = field(default_factory=dict)  # method, modality, data_size of the grid point
+    custom_tasks: tuple[TaskInfo, ...] = ()  # what the job knows of the non-MedMNIST names in ``tasks``
+
+    def task_infos(self) -> tuple[TaskInfo, ...]:
+        """The TaskInfo of every task, in benchmark order: custom ones from the job, MedMNIST ones by flag."""
+        custom = {t.flag: t for t in self.custom_tasks}
+        return tuple(custom[n] if n in custom else task_info(n) for n in self.tasks)
 
 
 IN_CHANS = 3  # grayscale images are replicated to RGB, as the paper does (as_rgb=True)
 
 
+def custom_task_infos(p: dict[str, Any]) -> tuple[TaskInfo, ...]:
+    """The user's own evaluation tasks (data.custom_tasks) as TaskInfo; n_labels from the label names."""
+    return tuple(TaskInfo(flag=t["name"], task=t["task"], n_channels=t["channels"], n_labels=len(t["labels"]),
+                          modality=t["modality"], label_names=tuple(t["labels"])) for t in p["data"]["custom_tasks"])
+
+
+def benchmark_tasks(p: dict[str, Any]) -> tuple[str, ...]:
+    """Every evaluation task of the study: the MedMNIST flags of data.tasks, then the custom task names."""
+    return tuple(p["data"]["tasks"]) + tuple(t["name"] for t in p["data"]["custom_tasks"])
+
+
+def resolve_patch_size(patch: int | dict[str, int], image_size: int, where: str = "patch_size") -> int:
+    """A ladder entry's patch size at this image size (an int, or a mapping from image size to patch size)."""
+    if isinstance(patch, int):
+        return patch
+    if str(image_size) not in patch:
+        raise ParamsError(f"{where}: no patch size for data.image_size={image_size} (given for {', '.join(patch)}); add one")
+    return int(patch[str(image_size)])
+
+
 def model_spec(p: dict[str, Any], name: str) -> ModelSpec:
-    return ModelSpec(name=name, **p["models"][name])
+    m = dict(p["models"][name])
+    m["patch_size"] = resolve_patch_size(m["patch_size"], p["data"]["image_size"], f"models.{name}.patch_size")
+    return ModelSpec(name=name, **m)
+
+
+def train_settings(p: dict[str, Any], method: str) -> PretrainSettings:
+    """The shared ``pretrain`` section with the method's own overrides on top."""
+    t = {**p["pretrain"], **p["methods"][method].get("pretrain", {})}
+    t["betas"] = tuple(t["betas"])
+    return PretrainSettings(**t)
 
 
 def pretrain_job(p: dict[str, Any], method: str, model: str, modality: str, data_size: int, seed: int, code_version: str = "") -> PretrainJob:
-    t = dict(p["pretrain"])
     return PretrainJob(
         method=method,
         model=model_spec(p, model),
@@ -212,8 +319,8 @@ def pretrain_job(p: dict[str, Any], method: str, model: str, modality: str, data
         seed=int(seed),
         image_size=p["data"]["image_size"],
         in_chans=IN_CHANS,
-        train=PretrainSettings(**t),
-        method_cfg=dict(p["methods"][method]),
+        train=train_settings(p, method),
+        method_cfg={k: v for k, v in p["methods"][method].items() if k != "pretrain"},
         tracking=dict(p["tracking"]),
         code_version=code_version,
     )
@@ -228,13 +335,14 @@ def eval_job(p: dict[str, Any], kind: str, run: str, model: str | None = None, s
         model=model_spec(p, model) if model else None,
         seed=int(seed),
         image_size=p["data"]["image_size"],
-        tasks=tuple(p["data"]["tasks"]),
+        tasks=benchmark_tasks(p),
         batch_size=e["batch_size"],
         threads=e["threads"],
         probe=dict(e["probe"]),
         tracking=dict(p["tracking"]),
         code_version=code_version,
         descriptors=dict(descriptors or {}),
+        custom_tasks=custom_task_infos(p),
     )
 
 
@@ -246,7 +354,7 @@ def pretrain_job_from_json(text: str) -> PretrainJob:
     d = json.loads(text)
     d["model"] = ModelSpec(**d["model"])
     d["modality_sources"] = tuple(d["modality_sources"])
-    d["train"] = PretrainSettings(**d["train"])
+    d["train"] = PretrainSettings(**{**d["train"], "betas": tuple(d["train"]["betas"])})
     return PretrainJob(**d)
 
 
@@ -254,6 +362,7 @@ def eval_job_from_json(text: str) -> EvalJob:
     d = json.loads(text)
     d["model"] = ModelSpec(**d["model"]) if d["model"] else None
     d["tasks"] = tuple(d["tasks"])
+    d["custom_tasks"] = tuple(task_info_from_dict(t) for t in d.get("custom_tasks", ()))
     return EvalJob(**d)
 
 

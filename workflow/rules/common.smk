@@ -1,14 +1,33 @@
 # Helpers shared by the rules: grid expansion, paths and each job's resolved config (as JSON).
+import dataclasses
 import json
 import os
 
 from biovfm import config as cfg
+from biovfm.data.medmnist import npz_name
 
 GRID = config["grid"]
 SIZE = config["data"]["image_size"]
 TASKS = config["data"]["tasks"]
 RAW = f"data/raw/{config['data']['source']}"
 TASK_DIR = "data/processed/tasks"
+SOURCE = config["data"]["source"]  # synthetic | medmnist
+MEDMNIST_SIZE = config["data"]["medmnist"]["size"]  # the downloaded MedMNIST+ size (resolved by validate_params)
+CUSTOM_TASKS = {t.flag: t for t in cfg.custom_task_infos(config)}  # the user's own evaluation tasks
+CUSTOM_PATHS = {t["name"]: t["path"] for t in config["data"]["custom_tasks"]}
+BENCHMARK = list(cfg.benchmark_tasks(config))  # every evaluated task: data.tasks, then the custom tasks
+TASK_FILES = expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=BENCHMARK, size=SIZE)
+
+
+def raw_task(task):
+    """Raw npz of a benchmark task: the user's own file, the published MedMNIST+ file, or the synthetic one."""
+    if task in CUSTOM_PATHS:
+        return CUSTOM_PATHS[task]
+    if SOURCE == "medmnist":
+        return f"{RAW}/{npz_name(task, MEDMNIST_SIZE)}"
+    return f"{RAW}/{task}.npz"
+
+
 CORPUS_DIR = "data/processed/corpus"
 MLFLOW_INIT = "results/mlflow_init.json"
 

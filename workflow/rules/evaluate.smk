@@ -1,6 +1,3 @@
-TASK_FILES = expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=TASKS, size=SIZE)
-
-
 rule evaluate:
     input:
         checkpoint="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/checkpoint.safetensors",

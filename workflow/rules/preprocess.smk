@@ -1,49 +1,67 @@
-rule preprocess_tasks:
+from biovfm.data import sources as corpus_sources
+
+
+rule preprocess_task:
+    # One job per evaluation task (MedMNIST flag or custom task): validated, then resized to the study's size.
     input:
-        expand(f"{RAW}/{{task}}.npz", task=TASKS),
+        lambda w: raw_task(w.task),
     output:
-        expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=TASKS, size=SIZE),
+        f"{TASK_DIR}/{{task}}_{SIZE}.npz",
+    wildcard_constraints:
+        task="|".join(BENCHMARK),
     params:
         size=SIZE,
-        tasks=TASKS,
-        raw=lambda w, input: os.path.dirname(input[0]),
-        out=lambda w, output: os.path.dirname(output[0]),
+        info=lambda w: json.dumps(dataclasses.asdict(CUSTOM_TASKS[w.task])) if w.task in CUSTOM_TASKS else "",  # "": a flag
     log:
-        "results/logs/preprocess_tasks.log",
+        "results/logs/preprocess/{task}.log",
     message:
-        "Resizing the evaluation tasks to {params.size}px"
+        "Validating {wildcards.task} and resizing it to {params.size}px"
     shell:
-        """
-        (for task in {params.tasks:q}; do
-            biovfm preprocess-task --task "$task" --raw {params.raw:q}/"$task".npz --size {params.size} --out {params.out:q}/"$task"_{params.size}.npz
-        done) 2>&1 | tee {log:q}
-        """
+        "biovfm preprocess-task --task {wildcards.task:q} --info={params.info:q} --raw {input:q} "
+        "--size {params.size} --out {output:q} 2>&1 | tee {log:q}"
+
+
+# The corpus section as the job sees it (threads only schedule it: changing them reruns nothing).
+CORPUS_SPEC = json.dumps({k: v for k, v in config["corpus"].items() if k != "threads"}, sort_keys=True)
+CORPUS_INPUTS = [
+    f for d in config["corpus"]["sources"] for f in corpus_sources.source_inputs(corpus_sources.source_from_dict(d, config["data"]))
+]
 
 
 rule preprocess_corpus:
+    # Streams every source into shards; fails on leakage or on too many unreadable files (then the report is
+    # left at data/processed/corpus.failed-report.json). Changes inside a user's folder are not tracked:
+    # snakemake --forcerun preprocess_corpus after adding files.
     input:
-        corpus=f"{RAW}/corpus.npz",
-        tasks=expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=TASKS, size=SIZE),
+        sources=CORPUS_INPUTS,
+        tasks=TASK_FILES,
+        mlflow=ancient(MLFLOW_INIT),  # the store exists before the report is logged (never created here)
     output:
-        images=f"{CORPUS_DIR}/images.npy",
         index=f"{CORPUS_DIR}/index.csv",
+        manifest=f"{CORPUS_DIR}/shards.json",
+        shards=directory(f"{CORPUS_DIR}/shards"),
         report=f"{CORPUS_DIR}/report.json",
     params:
+        spec=CORPUS_SPEC,
         size=SIZE,
-        source=config["data"]["source"],
-        out=subpath(output.images, parent=True),
+        out=subpath(output.index, parent=True),
+        uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
+    threads: config["corpus"]["threads"]
     log:
         "results/logs/preprocess_corpus.log",
     message:
-        "Building the pretraining store (dedup, index, leakage check)"
+        f"Building the pretraining store from {len(config['corpus']['sources'])} source(s) (dedup, leakage check, "
+        "report) with {threads} worker(s)"
     shell:
-        "biovfm preprocess-corpus --raw {input.corpus:q} --size {params.size} --source {params.source:q} "
-        "--tasks {input.tasks:q} --out {params.out:q} 2>&1 | tee {log:q}"
+        "biovfm preprocess-corpus --spec {params.spec:q} --size {params.size} --tasks {input.tasks:q} "
+        "--workers {threads} --tracking-uri {params.uri:q} --experiment {params.experiment:q} "
+        "--out {params.out:q} 2>&1 | tee {log:q}"
 
 
 rule task_examples:
     input:
-        expand(f"{TASK_DIR}/{{task}}_{{size}}.npz", task=TASKS, size=SIZE),
+        TASK_FILES,
     output:
         report("results/figures/task_examples.png", caption="../report/task_examples.rst", category="Data"),
     log:

@@ -17,7 +17,7 @@ rule mlflow_init:
 
 rule pretrain:
     input:
-        images=f"{CORPUS_DIR}/images.npy",
+        images=f"{CORPUS_DIR}/shards.json",  # the sharded store's manifest
         index=f"{CORPUS_DIR}/index.csv",
         mlflow=ancient(MLFLOW_INIT),
     output:
@@ -27,10 +27,14 @@ rule pretrain:
         job=pretrain_job,
         out=subpath(output.run, parent=True),
         corpus=subpath(input.images, parent=True),
-    threads: config["pretrain"]["threads"]
+    threads: lambda w: cfg.train_settings(config, w.method).threads
+    resources:
+        # processes of this job (torchrun + DDP when > 1; 0 = one per GPU the job was given)
+        nproc=lambda w: cfg.train_settings(config, w.method).nproc,
     log:
         "results/logs/pretrain/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:
         "Pretraining {wildcards.method} {wildcards.model} on {wildcards.n} {wildcards.modality} images (seed {wildcards.seed})"
     shell:
-        "biovfm pretrain --job {params.job:q} --corpus {params.corpus:q} --threads {threads} --out {params.out:q} 2>&1 | tee {log:q}"
+        "biovfm pretrain --job {params.job:q} --corpus {params.corpus:q} --threads {threads} --processes {resources.nproc} "
+        "--out {params.out:q} 2>&1 | tee {log:q}"

@@ -307,7 +307,9 @@ def plot_task_examples(task_npzs: list[str | os.PathLike], out_png: str | os.Pat
     for row, path in zip(axes, task_npzs):
         data = load_npz(path)
         flag = Path(path).stem.rsplit("_", 1)[0]
-        for j, ax in enumerate(row):
+        for ax in row[len(data["train_images"]):]:  # a small custom task may have fewer training images
+            ax.set_visible(False)
+        for j, ax in enumerate(row[:len(data["train_images"])]):
             im, lab = data["train_images"][j], data["train_labels"][j]
             ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
             ax.set_xticks([])

@@ -11,7 +11,7 @@ import torch
 
 from biovfm import tracking
 from biovfm.config import EvalJob
-from biovfm.data.medmnist import SPLITS, load_npz, task_info
+from biovfm.data.medmnist import SPLITS, load_npz
 from biovfm.evaluate.features import encoder_features, load_encoder, raw_pixel_features
 from biovfm.evaluate.probe import ProbeConfig, fit_probe
 from biovfm.io import read_json, write_json
@@ -44,8 +44,8 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
         encoder = encoder.to(default_device())
     probe_cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.probe.items()})
     results: dict[str, dict[str, Any]] = {}
-    for flag in job.tasks:
-        info = task_info(flag)
+    for info in job.task_infos():  # MedMNIST tasks and the user's custom tasks alike
+        flag = info.flag
         data = load_npz(task_path(tasks_dir, flag, job.image_size), info)
         tf = time.perf_counter()
         feats = {s: (raw_pixel_features(data[f"{s}_images"]) if encoder is None

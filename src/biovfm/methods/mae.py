@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from biovfm.methods.base import Method, StepContext
 from biovfm.models.vit import sincos_pos_embed
 from biovfm.train.augment import normalize, random_resized_crop
 
@@ -27,13 +28,12 @@ def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
     return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
 
-def random_masking(b: int, n: int, ratio: float, generator: torch.Generator | None,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random permutation; returns kept indices (B, K), binary mask (B, N; 1 = masked), restore order.
-
-    The noise is drawn on the CPU generator, so masks are identical on every device."""
+def random_masking(noise: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random permutation by sorting ``noise`` (B, N); returns kept indices (B, K), binary mask
+    (B, N; 1 = masked) and the restore order. The caller draws the noise (on the CPU, per sample)."""
+    b, n = noise.shape
+    device = noise.device
     keep = max(1, int(round(n * (1 - ratio))))
-    noise = torch.rand(b, n, generator=generator).to(device)
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
     mask = torch.ones(b, n, device=device)
@@ -51,7 +51,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
     return (per_patch * mask).sum() / mask.sum()
 
 
-class MAE(nn.Module):
+class MAE(Method):
     def __init__(self, encoder: VisionTransformer, image_size: int, in_chans: int, mask_ratio: float = 0.75,
                  decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 2, norm_pix_loss: bool = False,
                  crop_scale: tuple[float, float] = (0.5, 1.0)) -> None:
@@ -101,21 +101,16 @@ class MAE(nn.Module):
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x[:, 1:])
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs: normalised (B, C, H, W). Returns loss, prediction (B, N, p*p*C) and mask (B, N)."""
-        keep, mask, restore = random_masking(imgs.shape[0], self.grid**2, self.mask_ratio, generator, imgs.device)
+    def reconstruct(self, imgs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs: normalised (B, C, H, W); noise (B, N) orders the patches. Returns loss, prediction
+        (B, N, p*p*C) and mask (B, N)."""
+        keep, mask, restore = random_masking(noise.to(imgs.device), self.mask_ratio)
         pred = self.forward_decoder(self.forward_encoder(imgs, keep), restore)
         loss = masked_mse(pred, patchify(imgs, self.p), mask, self.norm_pix_loss)
         return loss, pred, mask
 
-    def training_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """batch: uint8 (B, C, H, W). The augmentation belongs to the method (DINO needs multi-crop)."""
-        x = normalize(random_resized_crop(batch.float(), self.crop_scale, generator))
-        loss, _, _ = self(x, generator)
+    def forward(self, batch: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """One training step's forward. batch: uint8 (B, C, H, W); the augmentation belongs to the method."""
+        x = normalize(random_resized_crop(batch.float(), self.crop_scale, ctx))
+        loss, _, _ = self.reconstruct(x, ctx.rand(self.grid**2))
         return loss, {}
-
-    def on_step_end(self, step: int, total_steps: int) -> None:  # MAE has no teacher to update
-        pass
-
-    def export_encoder(self) -> VisionTransformer:
-        return self.encoder

@@ -23,12 +23,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    """2-D sin-cos position embedding, shape (1, [1 +] grid*grid, dim); half the channels per axis."""
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True, extent: int | None = None) -> torch.Tensor:
+    """2-D sin-cos position embedding, shape (1, [1 +] grid*grid, dim); half the channels per axis.
+
+    ``extent`` (default ``grid``) is the number of cells the ``grid`` spans: a 3x3 grid over an extent of 7
+    gets the positions a 3x3 crop of the whole 7x7 image would cover (multi-crop local views)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    extent = extent or grid
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    axis = (np.arange(grid, dtype=np.float64) + 0.5) * extent / grid - 0.5
+    ys, xs = np.meshgrid(axis, axis, indexing="ij")
     parts = []
     for coord in (ys.reshape(-1), xs.reshape(-1)):
         out = np.outer(coord, omega)
@@ -67,6 +72,24 @@ def build_encoder(spec: ModelSpec, image_size: int, in_chans: int = 3) -> Vision
         model.pos_embed.copy_(sincos_pos_embed(spec.embed_dim, grid))
     model.pos_embed.requires_grad_(False)
     return model
+
+
+def forward_tokens(encoder: VisionTransformer, x: torch.Tensor, pos: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """All tokens (CLS first) after the final norm, for images of any multiple of the patch size.
+
+    ``pos`` is the position embedding for this input's grid (default: the encoder's own); patches where
+    ``mask`` (B, N) is true are replaced by ``mask_token`` before positions are added (iBOT)."""
+    tokens = encoder.patch_embed.proj(x).flatten(2).transpose(1, 2)  # the size check of PatchEmbed is bypassed on purpose
+    tokens = encoder.patch_embed.norm(tokens)
+    if mask is not None:
+        tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+    pos = encoder.pos_embed if pos is None else pos
+    if pos.shape[1] != tokens.shape[1] + 1:
+        raise ValueError(f"position embedding has {pos.shape[1] - 1} patches, the input {tokens.shape[1]}")
+    cls = (encoder.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
+    tokens = torch.cat([cls, tokens + pos[:, 1:]], dim=1)
+    return encoder.norm(encoder.blocks(encoder.norm_pre(tokens)))
 
 
 @torch.no_grad()

@@ -1,6 +1,13 @@
-"""The pretraining loop, shared by every method (the method owns augmentation, heads and loss)."""
+"""The pretraining loop, shared by every method (the method owns augmentation, heads and loss).
+
+One job = one grid point. The global batch is fixed by params whatever the world size and accumulation:
+each process takes its slice of the step's batch, draws its randomness from the step's global draws
+(:class:`~biovfm.methods.base.StepContext`), and DDP averages the gradients. Rank 0 checkpoints, logs
+and writes the outputs; any rerun resumes from the newest good checkpoint.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import resource
@@ -12,18 +19,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.models.vision_transformer import Block
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from biovfm import tracking
-from biovfm.config import PretrainJob
+from biovfm.config import PretrainJob, PretrainSettings
 from biovfm.data.store import load_store
 from biovfm.io import write_json, write_text
 from biovfm.methods import build_method
+from biovfm.methods.base import Method, StepContext
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
-from biovfm.train.checkpoint import load_state, save_encoder, save_state
-from biovfm.train.schedule import warmup_cosine
+from biovfm.train import distributed
+from biovfm.train.checkpoint import clear_states, load_state, save_encoder, save_state
+from biovfm.train.optim import param_groups
+from biovfm.train.schedule import cosine, warmup_cosine
 
 CHECKPOINT = "checkpoint.safetensors"
+# Settings that change how a run executes but not the weights it reaches: a run may resume under others.
+RUNTIME_ONLY = ("threads", "nproc", "checkpoint_every", "log_every", "compile")
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
@@ -43,36 +57,82 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 7_919_993 + step)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and tokens (1-D parameters), as in MAE/timm."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or p.shape[0] == 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def micro_batch(batch: int, world: int, accum: int) -> int:
+    """Samples per forward pass on one process; the global batch must split evenly."""
+    if batch % (world * accum):
+        raise ValueError(f"pretrain.batch_size={batch} does not split into {world} processes x {accum} accumulation steps; "
+                         "pick a batch size divisible by their product")
+    return batch // (world * accum)
 
 
 def fingerprint(job: PretrainJob) -> str:
-    """Identity of everything that shapes the weights (tracking settings excluded)."""
+    """Identity of everything that shapes the weights (tracking and runtime-only settings excluded)."""
     d = asdict(job)
     d.pop("tracking")
+    for k in RUNTIME_ONLY:
+        d["train"].pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_flops_per_image(method: torch.nn.Module, batch: torch.Tensor, seed: int) -> float:
-    """Forward+backward FLOPs of one training step, per source image, measured on a tiny batch."""
+def train_flops_per_image(method: Method, batch: torch.Tensor, seed: int) -> float:
+    """Forward+backward FLOPs of one training step (teacher included), per source image, on a tiny batch."""
     with FlopCounterMode(display=False) as counter:
-        loss, _ = method.training_step(batch, step_generator(seed, 0))
+        loss, _ = method(batch, StepContext.single(seed, len(batch)))
         loss.backward()
     method.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()) / len(batch)
 
 
-def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def set_schedules(opt: torch.optim.Optimizer, t: PretrainSettings, step: int) -> tuple[float, float]:
+    """lr (warm-up + cosine, times each group's layer-decay scale) and weight decay (cosine to its end value)."""
+    lr = warmup_cosine(step, t.steps, t.lr, int(t.warmup_frac * t.steps))
+    wd = t.weight_decay if t.weight_decay_end is None else cosine(step, t.steps, t.weight_decay, t.weight_decay_end)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+        if g["decay"]:
+            g["weight_decay"] = wd
+    return lr, wd
+
+
+def compile_blocks(method: Method) -> None:
+    """``torch.compile`` each transformer block in place (state-dict keys unchanged, so checkpoints stay portable)."""
+    for m in method.modules():
+        if isinstance(m, Block):
+            m.compile()
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    out = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> dict[str, Any] | None:
+    """Train one grid point (in every process of a torchrun job); returns the run's metadata on rank 0."""
     out = Path(out_dir)
     device = default_device()
-    out.mkdir(parents=True, exist_ok=True)
+    world = distributed.init_world(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    try:
+        return _pretrain(job, corpus_dir, out, device, world)
+    finally:
+        distributed.close_world()
+
+
+def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch.device,
+              world: distributed.World) -> dict[str, Any] | None:
     t = job.train
+    mb = micro_batch(t.batch_size, world.size, t.grad_accum)
+    log = print if world.is_main else (lambda *a, **k: None)
+    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(t.threads)
     torch.manual_seed(job.seed)
     store = load_store(corpus_dir)
@@ -80,54 +140,91 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
     images = torch.from_numpy(np.ascontiguousarray(store.images[idx])).permute(0, 3, 1, 2).contiguous()
     encoder = build_encoder(job.model, job.image_size, job.in_chans)
     method = build_method(job.method, encoder, job.method_cfg, job.image_size, job.in_chans).to(device)
-    opt = torch.optim.AdamW(param_groups(method, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(method, t.weight_decay, t.layer_decay), lr=t.lr, betas=tuple(t.betas))
     fp = fingerprint(job)
     flops_train = train_flops_per_image(method, images[:2].to(device), job.seed)
     flops_fwd = count_flops_per_image(encoder, job.image_size, job.in_chans)
 
     history: list[dict[str, float]] = []
     start, mlflow_id, elapsed_before = 0, None, 0.0
-    state = load_state(out, job.run_id, fp)
+    state = load_state(out, job.run_id, fp, log=log)
     if state is not None:
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], device)
         start, history, mlflow_id = int(state["step"]), json.loads(state["history"]), state["mlflow_run_id"] or None
         elapsed_before = float(state["elapsed"])
-        print(f"[pretrain] {job.run_id}: resuming from step {start}", flush=True)
+        log(f"[pretrain] {job.run_id}: resuming from step {start} (world size {world.size})", flush=True)
+    if t.compile:
+        compile_blocks(method)
+    model = method
+    if world.size > 1:
+        model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
 
-    run = tracking.Run(job.tracking["uri"], job.tracking["experiment"], name=f"pretrain {job.run_id}",
-                       tags={"stage": "pretrain", "grid_id": job.run_id, "method": job.method, "model": job.model.name},
-                       params=asdict(job), run_id=mlflow_id)
-    warmup = int(t.warmup_frac * t.steps)
+    run = None
+    if world.is_main:
+        run = tracking.Run(job.tracking["uri"], job.tracking["experiment"], name=f"pretrain {job.run_id}",
+                           tags={"stage": "pretrain", "grid_id": job.run_id, "method": job.method, "model": job.model.name},
+                           params=asdict(job), run_id=mlflow_id)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    trainable = [p for p in method.parameters() if p.requires_grad]
     method.train()
     t0 = time.perf_counter()
     pending: list[tuple[int, dict[str, float]]] = []
     for step in range(start, t.steps):
-        lr = warmup_cosine(step, t.steps, t.lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = images[batch_indices(len(images), t.batch_size, step, job.seed)].to(device, non_blocking=True)
-        loss, logs = method.training_step(batch, step_generator(job.seed, step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lr, wd = set_schedules(opt, t, step)
+        batch_idx = batch_indices(len(images), t.batch_size, step, job.seed)
+        ctx = StepContext(step_generator(job.seed, step), t.batch_size, 0, 0, step, t.steps)
+        sums: dict[str, float] = {}
+        for k in range(t.grad_accum):
+            lo = (world.rank * t.grad_accum + k) * mb
+            ctx = ctx.slice(step_generator(job.seed, step), lo, lo + mb)
+            batch = images[batch_idx[lo:lo + mb]].to(device, non_blocking=True)
+            sync = k == t.grad_accum - 1 or world.size == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast:
+                    loss, logs = model(batch, ctx)
+                (loss / t.grad_accum).backward()
+            for key, v in {"loss": loss.item(), **logs}.items():
+                sums[key] = sums.get(key, 0.0) + v / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.clip_grad if t.clip_grad > 0 else float("inf"))
+        method.before_optimizer_step(ctx)
         opt.step()
-        method.on_step_end(step, t.steps)
-        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "images_seen": (step + 1) * t.batch_size, **logs}
+        opt.zero_grad(set_to_none=True)
+        method.on_step_end(ctx)
+        stats = distributed.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64))
+        row = {"step": step + 1, **dict(zip(sums, stats.tolist())), "lr": lr, "weight_decay": wd,
+               "grad_norm": float(grad_norm), "images_seen": (step + 1) * t.batch_size}
         history.append(row)
-        pending.append((step + 1, {"loss": row["loss"], "lr": lr, **logs}))
+        pending.append((step + 1, {k: v for k, v in row.items() if k not in ("step", "images_seen")}))
         done = step + 1
+        if not world.is_main:
+            continue
         if done % t.log_every == 0 or done == t.steps:
             rate = (done - start) * t.batch_size / (time.perf_counter() - t0)
-            print(f"[pretrain] {job.run_id}: step {done}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s", flush=True)
+            log(f"[pretrain] {job.run_id}: step {done}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s", flush=True)
             run.log_series(pending)
             pending = []
         if done % t.checkpoint_every == 0 and done < t.steps:
             run.log_series(pending)  # what a resumed job will not replay
             pending = []
             save_state(out, {"run_id": job.run_id, "fingerprint": fp, "step": done, "model": method.state_dict(),
-                             "optimizer": opt.state_dict(), "history": json.dumps(history), "mlflow_run_id": run.run_id,
-                             "elapsed": elapsed_before + time.perf_counter() - t0})
-    wall = elapsed_before + time.perf_counter() - t0
+                             "optimizer": opt.state_dict(), "rng": rng_states(device),
+                             "schedule": {"lr": lr, "weight_decay": wd}, "history": json.dumps(history),
+                             "mlflow_run_id": run.run_id, "elapsed": elapsed_before + time.perf_counter() - t0})
+    if not world.is_main:
+        return None
+    return _finish(job, out, method, encoder, history, run, idx, fp, start, elapsed_before, t0, device, world,
+                   flops_fwd, flops_train)
+
+
+def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Module, history: list[dict[str, float]],
+            run: tracking.Run, idx: np.ndarray, fp: str, start: int, elapsed_before: float, t0: float,
+            device: torch.device, world: distributed.World, flops_fwd: float, flops_train: float) -> dict[str, Any]:
+    """Write the encoder, history, config and run metadata (run.json last: the job's completion marker)."""
+    t = job.train
+    now = time.perf_counter()
     images_seen = t.steps * t.batch_size
     meta = {
         "run_id": job.run_id, "method": job.method, "model": job.model.name, "modality": job.modality,
@@ -136,9 +233,10 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
         "params_paper": paper_params(job.model, job.image_size, job.in_chans),
         "params_trainable": sum(p.numel() for p in method.parameters() if p.requires_grad),
         "flops_per_image": flops_fwd, "train_flops_per_image": flops_train, "train_flops": flops_train * images_seen,
-        "wall_time_s": wall, "images_per_s": (t.steps - start) * t.batch_size / max(1e-9, time.perf_counter() - t0),
+        "wall_time_s": elapsed_before + now - t0, "world_size": world.size,
+        "images_per_s": (t.steps - start) * t.batch_size / max(1e-9, now - t0),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
         "subset_hash": hashlib.sha1(idx.tobytes()).hexdigest()[:12], "fingerprint": fp, "mlflow_run_id": run.run_id,
     }
@@ -147,6 +245,6 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
     write_json(out / "config.json", asdict(job))
     run.log_metrics({k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=t.steps)
     run.finish()
-    write_json(out / "run.json", meta)  # last: the job's completion marker
-    (out / "state.pt").unlink(missing_ok=True)
+    write_json(out / "run.json", meta)
+    clear_states(out)
     return meta

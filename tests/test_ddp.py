@@ -1,0 +1,46 @@
+"""Two CPU processes under torchrun (gloo) reach the loss curve and weights of one process."""
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+
+from biovfm.config import pretrain_job, to_json
+from biovfm.train.distributed import torchrun_command
+
+
+def run_pretrain(job, corpus, out, nproc):
+    cmd = [sys.executable, "-m", "biovfm.cli", "pretrain", "--job", to_json(job), "--corpus", str(corpus),
+           "--out", str(out), "--processes", str(nproc), "--threads", str(nproc)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_torchrun_command_is_an_argument_list():
+    cmd = torchrun_command(2, ["pretrain", "--job", '{"a": "b c; rm -rf /"}'])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd
+    assert cmd[-1] == '{"a": "b c; rm -rf /"}'  # passed through as one argument, never through a shell
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, method):
+    job = pretrain_job(params, method, "femto", "all", 60, 0)
+    job = replace(job, tracking={"uri": mlflow_uri, "experiment": "test"},
+                  train=replace(job.train, steps=8, batch_size=16, checkpoint_every=4, log_every=4))
+    if method == "dino":  # KoLeo looks for neighbours within each process's share of the batch (as DINOv2 does)
+        job = replace(job, method_cfg={**job.method_cfg, "koleo_weight": 0.0})
+    run_pretrain(job, corpus_dir, tmp_path / "one", 1)
+    two = run_pretrain(job, corpus_dir, tmp_path / "two", 2)
+    h1, h2 = pd.read_csv(tmp_path / "one" / "history.csv"), pd.read_csv(tmp_path / "two" / "history.csv")
+    assert len(h1) == len(h2) == 8 and (h2["images_seen"] == h1["images_seen"]).all()  # same global batch
+    np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=1e-4, atol=1e-5)
+    w1, w2 = load_file(tmp_path / "one" / "checkpoint.safetensors"), load_file(tmp_path / "two" / "checkpoint.safetensors")
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], atol=1e-4, err_msg=k)
+    assert '"world_size": 2' in (tmp_path / "two" / "run.json").read_text()
+    assert two.stdout.count("step 8/8") == 1  # one process reports
