@@ -183,3 +183,38 @@ def test_killed_job_resumes_to_the_same_weights(params, corpus_dir, mlflow_uri, 
     hk = (killed / "history.csv").read_text()
     assert hk == (straight / "history.csv").read_text()
     assert json.loads((killed / "run.json").read_text())["mlflow_run_id"]
+
+
+def test_layer_decay_scales_lr_by_depth_and_spares_1d_params_from_decay():
+    from biovfm.config import ModelSpec
+    from biovfm.methods.dino import DINO
+    from biovfm.models.vit import build_encoder
+    from biovfm.train.optim import param_groups
+
+    torch.manual_seed(0)
+    dino = DINO(build_encoder(ModelSpec("t", 32, 3, 2, 4), 16), 16, 3, prototypes=8, head_hidden_dim=8, head_bottleneck_dim=4)
+    groups = param_groups(dino, 0.04, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    enc = dino.encoder
+    assert scale[id(enc.patch_embed.proj.weight)] == 0.5**4  # embeddings: layer 0 of 3 blocks
+    assert scale[id(enc.blocks[0].attn.qkv.weight)] == 0.5**3 and scale[id(enc.blocks[2].mlp.fc2.weight)] == 0.5
+    assert scale[id(dino.head.last)] == 1.0 and scale[id(enc.norm.weight)] == 1.0
+    assert all(id(p) not in scale for p in dino.teacher_encoder.parameters())  # the teacher is not optimised
+    no_decay = {id(p) for g in groups if not g["decay"] for p in g["params"]}
+    assert id(enc.blocks[0].attn.qkv.bias) in no_decay and id(enc.cls_token) in no_decay
+    assert all(g["weight_decay"] == (0.04 if g["decay"] else 0.0) for g in groups)
+    assert len({id(p) for g in groups for p in g["params"]}) == sum(p.requires_grad for p in dino.parameters())
+
+
+def test_weight_decay_follows_its_cosine_schedule(params, mlflow_uri, corpus_dir, tmp_path):
+    job = tiny_job(params, mlflow_uri, steps=5, weight_decay=0.04, weight_decay_end=0.4)
+    pretrain(job, corpus_dir, tmp_path)
+    wd = pd.read_csv(tmp_path / "history.csv")["weight_decay"].to_numpy()
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4) and (np.diff(wd) > 0).all()
+
+
+@pytest.mark.slow
+def test_bf16_and_compile_options_train(params, corpus_dir, mlflow_uri, tmp_path):
+    """The options run end to end on CPU (speed is measured in benchmarks/, not here)."""
+    meta = pretrain(tiny_job(params, mlflow_uri, "dino", steps=2, precision="bf16", compile=True), corpus_dir, tmp_path)
+    assert np.isfinite(meta["final_loss"])
