@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 import torch
 
-from biovfm.methods import build_method  # before biovfm.evaluate: importing that first hits a circular import
-from biovfm.methods.base import Method, StepContext
-from biovfm.config import load_params, model_spec  # noqa: I001
+from biovfm.config import load_params, model_spec
 from biovfm.evaluate.features import encoder_features
+from biovfm.methods import build_method
+from biovfm.methods.base import Method, StepContext
 from biovfm.models.vit import build_encoder, count_flops_per_image, encoder_params
 from biovfm.train.engine import train_flops_per_image
 from biovfm.train.optim import param_groups

@@ -162,3 +162,36 @@ def test_medmnist_source_end_to_end(workdir):
     p["data"]["medmnist"] |= {"base_url": "http://127.0.0.1:9/elsewhere", "retries": 0}
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+
+@pytest.mark.slow
+def test_killed_pretraining_job_resumes_when_the_workflow_reruns(workdir):
+    """Preemption as a cluster does it: the whole Snakemake process group is SIGKILLed mid-training (a 2-process
+    torchrun DDP job); after `--unlock`, rerunning the workflow resumes the job from its last checkpoint."""
+    import signal
+    import time
+
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    p["grid"] |= {"methods": ["dino"], "models": ["atto"], "data_sizes": [180]}
+    p["methods"]["dino"]["pretrain"] = {**p["methods"]["dino"].get("pretrain", {}), "steps": 600, "batch_size": 16,
+                                        "checkpoint_every": 20, "log_every": 100, "nproc": 2, "threads": 2}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    run_dir = workdir / "results" / "runs" / "dino" / "atto" / "all" / "n180" / "s0"
+    target = "results/runs/dino/atto/all/n180/s0/run.json"  # relative to --directory
+    proc = subprocess.Popen(SNAKEMAKE + ["--directory", str(workdir), "--cores", "2", target], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(run_dir.glob("state-*.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(run_dir.glob("state-*.json")), "no checkpoint was written before the deadline"
+    assert not (run_dir / "run.json").exists(), "the job finished before it could be killed; raise steps"
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, "--cores", "2", target)
+    log = (workdir / "results" / "logs" / "pretrain" / "dino_atto_all_n180_s0.log").read_text()
+    assert re.search(r"resuming from step [1-9]\d* \(world size 2\)", log), log[-2000:]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["step"].tolist() == list(range(1, 601))
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert not list(run_dir.glob("state-*"))

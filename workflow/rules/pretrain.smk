@@ -27,7 +27,7 @@ rule pretrain:
         job=pretrain_job,
         out=subpath(output.run, parent=True),
         corpus=subpath(input.images, parent=True),
-    threads: lambda w: cfg.train_settings(config, w.method).threads
+    threads: lambda w: max(cfg.train_settings(config, w.method).threads, cfg.train_settings(config, w.method).nproc)
     resources:
         # processes of this job (torchrun + DDP when > 1; 0 = one per GPU the job was given)
         nproc=lambda w: cfg.train_settings(config, w.method).nproc,
