@@ -44,3 +44,12 @@ def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, metho
         np.testing.assert_allclose(w2[k], w1[k], atol=1e-4, err_msg=k)
     assert '"world_size": 2' in (tmp_path / "two" / "run.json").read_text()
     assert two.stdout.count("step 8/8") == 1  # one process reports
+
+
+def test_a_batch_that_does_not_split_is_refused_before_launch(params, corpus_dir, tmp_path, capsys):
+    from biovfm import cli
+
+    job = pretrain_job(params, "mae", "femto", "all", 60, 0)
+    job = replace(job, train=replace(job.train, batch_size=30))
+    code = cli.main(["pretrain", "--job", to_json(job), "--corpus", str(corpus_dir), "--out", str(tmp_path), "--processes", "4"])
+    assert code == 1 and "batch_size=30 does not split into 4 processes x 1 accumulation steps" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def _models(a: argparse.Namespace) -> None:
 def _pretrain(a: argparse.Namespace) -> None:
     from biovfm.config import pretrain_job_from_json
     from biovfm.train import distributed
-    from biovfm.train.engine import pretrain
+    from biovfm.train.engine import micro_batch, pretrain
 
     job = pretrain_job_from_json(a.job)
     nproc = job.train.nproc if a.processes is None else a.processes
@@ -107,6 +107,7 @@ def _pretrain(a: argparse.Namespace) -> None:
 
         nproc = max(1, torch.cuda.device_count())
     threads = a.threads or job.train.threads
+    micro_batch(job.train.batch_size, nproc, job.train.grad_accum)  # fail here, not in every process
     if nproc > 1 and not distributed.launched_by_torchrun():
         # Re-run this very command as nproc processes; each gets its share of the job's threads.
         argv = ["pretrain", "--job", a.job, "--corpus", a.corpus, "--out", a.out, "--processes", str(nproc),
