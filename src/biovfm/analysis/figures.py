@@ -26,7 +26,6 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
 from biovfm.analysis.fits import AUC_SCALE, loglog_fit, mean_auc_table, task_auc_table, task_order
-from biovfm.data.medmnist import TASKS
 from biovfm.io import atomic_path
 
 DPI = 150
@@ -222,7 +221,7 @@ def plot_task_grid(summary: pd.DataFrame, out_png: str | os.PathLike) -> tuple[P
     _check_nonempty(summary)
     tab = task_auc_table(summary)
     methods = sorted(tab.loc[tab["kind"] == "pretrained", "method"].unique())
-    tasks = list(TASKS) + [t for t in task_order(tab["task"]) if t not in TASKS]
+    tasks = task_order(tab["task"])  # the study's tasks: MedMNIST ones in benchmark order, then custom ones
     ncols = 4
     nrows = int(np.ceil(len(tasks) / ncols))
     with matplotlib.rc_context(STYLE):
