@@ -75,22 +75,23 @@ LABEL_NAMES: dict[str, tuple[str, ...]] = {
     "organsmnist": _ORGANS,
 }
 
-# Task type, channels and class counts as in medmnist.INFO (see shared/reference/anchors.md section 6.2).
+# Task type and channels as in medmnist.INFO (see shared/reference/anchors.md section 6.2); class counts are the
+# lengths of the label lists above.
 TASKS: dict[str, TaskInfo] = {
-    t.flag: t
-    for t in (
-        TaskInfo("pathmnist", MULTI_CLASS, 3, 9, "histology", LABEL_NAMES["pathmnist"]),
-        TaskInfo("chestmnist", MULTI_LABEL, 1, 14, "xray", LABEL_NAMES["chestmnist"]),
-        TaskInfo("dermamnist", MULTI_CLASS, 3, 7, "dermoscopy", LABEL_NAMES["dermamnist"]),
-        TaskInfo("octmnist", MULTI_CLASS, 1, 4, "oct", LABEL_NAMES["octmnist"]),
-        TaskInfo("pneumoniamnist", BINARY, 1, 2, "xray", LABEL_NAMES["pneumoniamnist"]),
-        TaskInfo("retinamnist", ORDINAL, 3, 5, "fundus", LABEL_NAMES["retinamnist"]),
-        TaskInfo("breastmnist", BINARY, 1, 2, "ultrasound", LABEL_NAMES["breastmnist"]),
-        TaskInfo("bloodmnist", MULTI_CLASS, 3, 8, "blood", LABEL_NAMES["bloodmnist"]),
-        TaskInfo("tissuemnist", MULTI_CLASS, 1, 8, "microscopy", LABEL_NAMES["tissuemnist"]),
-        TaskInfo("organamnist", MULTI_CLASS, 1, 11, "ct", LABEL_NAMES["organamnist"]),
-        TaskInfo("organcmnist", MULTI_CLASS, 1, 11, "ct", LABEL_NAMES["organcmnist"]),
-        TaskInfo("organsmnist", MULTI_CLASS, 1, 11, "ct", LABEL_NAMES["organsmnist"]),
+    flag: TaskInfo(flag, task, channels, len(LABEL_NAMES[flag]), modality, LABEL_NAMES[flag])
+    for flag, task, channels, modality in (
+        ("pathmnist", MULTI_CLASS, 3, "histology"),
+        ("chestmnist", MULTI_LABEL, 1, "xray"),
+        ("dermamnist", MULTI_CLASS, 3, "dermoscopy"),
+        ("octmnist", MULTI_CLASS, 1, "oct"),
+        ("pneumoniamnist", BINARY, 1, "xray"),
+        ("retinamnist", ORDINAL, 3, "fundus"),
+        ("breastmnist", BINARY, 1, "ultrasound"),
+        ("bloodmnist", MULTI_CLASS, 3, "blood"),
+        ("tissuemnist", MULTI_CLASS, 1, "microscopy"),
+        ("organamnist", MULTI_CLASS, 1, "ct"),
+        ("organcmnist", MULTI_CLASS, 1, "ct"),
+        ("organsmnist", MULTI_CLASS, 1, "ct"),
     )
 }
 MODALITIES = tuple(sorted({t.modality for t in TASKS.values()}))

@@ -33,7 +33,6 @@ MANIFEST = "shards.json"
 SHARDS = "shards"
 REPORT = "report.json"
 LEGACY_IMAGES = "images.npy"
-IMAGES = LEGACY_IMAGES  # former name of the single-array file
 FORMAT = "biovfm-corpus"
 VERSION = 2
 DEFAULT_SHARD_SIZE = 1024

@@ -45,10 +45,6 @@ class StepContext:
         """A context for a whole batch in one process (tests, benchmarks)."""
         return cls(torch.Generator().manual_seed(seed), n, 0, n, step, total_steps)
 
-    def slice(self, generator: torch.Generator, start: int, stop: int) -> "StepContext":
-        """The context of another micro-batch of the same step (same scratch)."""
-        return StepContext(generator, self.global_batch, start, stop, self.step, self.total_steps, self.scratch)
-
 
 class Method(nn.Module):
     """A self-supervised objective around a timm ViT (``self.encoder``, the backbone being trained).

@@ -61,11 +61,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The command that reruns ``biovfm <argv>`` as ``nproc`` processes on this node (an argument list,
     never a shell string). ``--standalone`` picks a free rendezvous port, so parallel jobs do not collide.

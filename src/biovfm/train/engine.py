@@ -175,11 +175,11 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
     for step in range(start, t.steps):
         lr, wd = set_schedules(opt, t, step)
         batch_idx = batch_indices(len(images), t.batch_size, step, job.seed)
-        ctx = StepContext(step_generator(job.seed, step), t.batch_size, 0, 0, step, t.steps)
+        scratch: dict[str, Any] = {}  # shared by the step's micro-batches (e.g. DINO's centre sums)
         sums: dict[str, float] = {}
         for k in range(t.grad_accum):
             lo = (world.rank * t.grad_accum + k) * mb
-            ctx = ctx.slice(step_generator(job.seed, step), lo, lo + mb)
+            ctx = StepContext(step_generator(job.seed, step), t.batch_size, lo, lo + mb, step, t.steps, scratch)
             batch = images[batch_idx[lo:lo + mb]].to(device, non_blocking=True)
             sync = k == t.grad_accum - 1 or world.size == 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
