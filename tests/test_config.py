@@ -1,7 +1,10 @@
+import re
+
 import pytest
 
 from biovfm.config import (ParamsError, eval_job, eval_job_from_json, grid_points, load_params, pretrain_job,
                            pretrain_job_from_json, to_json, validate_params)
+from biovfm.data.medmnist import MODALITIES
 from conftest import REPO
 
 
@@ -9,7 +12,8 @@ def test_default_params_validate_and_fill_defaults():
     p = load_params(REPO / "params.yaml")
     g = p["grid"]
     assert g["methods"] == ["mae", "dino"]
-    assert len(list(grid_points(p))) == 2 * len(g["models"]) * len(g["data_sizes"]) * len(g["seeds"]) * len(g["modalities"])
+    product = 2 * len(g["models"]) * len(g["data_sizes"]) * len(g["seeds"]) * len(g["modalities"])
+    assert len(list(grid_points(p))) == product + 2 * len(g["extra"])  # each extra: one point per method
     assert p["evaluate"]["probe"]["max_grid_extensions"] >= 1
 
 
@@ -68,3 +72,72 @@ def test_method_overrides_and_patch_size_by_image_size(raw_params):
     assert mae.train.base_lr == 2.0e-3 and mae.train.clip_grad == 0.0
     assert "pretrain" not in dino.method_cfg and dino.model.patch_size == 8
     assert pretrain_job_from_json(to_json(dino)) == dino
+
+
+def test_cluster_resources_by_rule_and_model_size(raw_params):
+    from biovfm.config import cluster_resources
+
+    p = validate_params(raw_params)  # no cluster section: the schema's defaults
+    assert cluster_resources(p, "evaluate") == {"slurm_account": None, "slurm_partition": None, "mem_mb": 4000,
+                                                "runtime": 60}
+    assert cluster_resources(p, "pretrain", "femto") == {"slurm_account": None, "slurm_partition": None,
+                                                         "mem_mb": 16000, "runtime": 120, "gpu": 1, "gpu_model": None,
+                                                         "cpus_per_gpu": 8}
+    raw_params["cluster"] = {"account": "lab", "cpu_partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100",
+                             "cpu_jobs": {"runtime": 30}, "rules": {"preprocess_corpus": {"mem_mb": 32000}},
+                             "pretrain": {"default": {"gpus": 0}, "atto": {"gpus": 4, "runtime": 600}}}
+    p = validate_params(raw_params)
+    assert cluster_resources(p, "preprocess_corpus") == {"slurm_account": "lab", "slurm_partition": "cpu",
+                                                         "mem_mb": 32000, "runtime": 30}
+    assert cluster_resources(p, "aggregate")["mem_mb"] == 4000
+    femto, atto = cluster_resources(p, "pretrain", "femto"), cluster_resources(p, "pretrain", "atto")
+    assert femto == {"slurm_account": "lab", "slurm_partition": "cpu", "mem_mb": 16000, "runtime": 120, "gpu": 0,
+                     "gpu_model": None, "cpus_per_gpu": None}  # a CPU job: no GPU keys
+    assert atto == {"slurm_account": "lab", "slurm_partition": "gpu", "mem_mb": 16000, "runtime": 600, "gpu": 4,
+                    "gpu_model": "h100", "cpus_per_gpu": 8}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(gpu_model="'h100'"), "cluster.gpu_model"),
+    (lambda c: c.update(cpu_jobs={"mem": 100}), "cluster.cpu_jobs: unknown key(s) ('mem' was unexpected)"),
+    (lambda c: c.update(pretrain={"default": {"gpus": -1}}), "cluster.pretrain.default.gpus"),
+])
+def test_bad_cluster_params_name_the_key(raw_params, edit, needle):
+    raw_params["cluster"] = {}
+    edit(raw_params["cluster"])
+    with pytest.raises(ParamsError, match=re.escape(needle)):
+        validate_params(raw_params)
+
+
+def test_cluster_pretrain_sizes_must_be_models(raw_params):
+    from biovfm.config import cluster_resources
+
+    raw_params["cluster"] = {"pretrain": {"gigantic": {"gpus": 8}}}
+    with pytest.raises(ParamsError, match="cluster.pretrain: gigantic not a model size under models"):
+        cluster_resources(validate_params(raw_params), "pretrain", "femto")
+
+
+# ----------------------------------------------------------------------------- grid.extra
+def test_extra_sub_grids_add_their_points_once(raw_params) -> None:
+    from biovfm.config import grid_points, grid_values
+
+    raw_params["grid"]["extra"] = [{"models": ["femto"], "modalities": ["xray"], "data_sizes": [20]},
+                                   {"models": ["femto"], "data_sizes": [60]}]  # the second repeats main points
+    raw_params["modalities"] = {"all": list(MODALITIES), "xray": ["xray"]}
+    p = validate_params(raw_params)
+    g = raw_params["grid"]
+    main = len(g["methods"]) * len(g["models"]) * len(g["data_sizes"]) * len(g["modalities"]) * len(g["seeds"])
+    points = list(grid_points(p))
+    assert len(points) == main + len(g["methods"])  # only the xray points are new
+    assert {q["modality"] for q in points} == {"all", "xray"}
+    assert grid_values(p, "modalities") == ["all", "xray"]
+
+
+def test_extra_sub_grids_are_validated_with_their_position(raw_params) -> None:
+    raw_params["grid"]["extra"] = [{"models": ["giant"]}]
+    with pytest.raises(ParamsError, match=r"grid.extra\[0\].*'giant' has no definition"):
+        validate_params(raw_params)
+    raw_params["grid"]["extra"] = [{"modalities": ["xray"], "data_sizes": [180]}]
+    raw_params["modalities"] = {"all": list(MODALITIES), "xray": ["xray"]}
+    with pytest.raises(ParamsError, match="180 images of modality mix 'xray' need a larger corpus"):
+        validate_params(raw_params)

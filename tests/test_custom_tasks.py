@@ -125,6 +125,7 @@ def test_custom_task_is_preprocessed_probed_and_scored_like_medmnist(tmp_path, r
 
 
 def test_task_grid_shows_more_than_twelve_tasks(tmp_path):
+    from biovfm.analysis.collect import analyse
     from biovfm.analysis.figures import plot_task_examples, plot_task_grid
 
     rows = []
@@ -133,10 +134,12 @@ def test_task_grid_shows_more_than_twelve_tasks(tmp_path):
             for kind, method, d in (("pretrained", "mae", 100), ("random_init", "random", 0)):
                 rows.append(dict(run_id=f"{kind}-{model}", kind=kind, method=method, model=model, modality="all",
                                  data_size=d, seed=0, task=t, auc=0.7 + 0.01 * len(t) % 0.2, acc=0.6,
-                                 params_encoder=n, params_paper=n, flops_per_image=1.0, images_seen=1, train_steps=10))
-    png, _ = plot_task_grid(pd.DataFrame(rows), tmp_path / "grid.png")
+                                 params_encoder=n, params_paper=n, flops_per_image=1.0, train_flops=1.0, images_seen=1,
+                                 train_steps=10, mlflow_run_id=f"{kind}-{model}"))
+    t = analyse(pd.DataFrame(rows), {}, pd.DataFrame({"task": []}), {}, n_boot=20)  # no scores: no intervals
+    png, _ = plot_task_grid(t["points"], t["fits"], tmp_path / "grid.png")
     height = struct.unpack(">II", png.read_bytes()[16:24])[1]
-    assert height >= 4 * 3.5 * 150 - 2  # 13 panels: a fourth row of the 4-column grid
+    assert height >= 4 * 3.6 * 150 - 2  # 13 panels: a fourth row of the 4-column grid
 
     _binary_npz(tmp_path / "my_xray_16.npz", size=16, n=(4, 4, 4))  # fewer training images than montage columns
     examples, _ = plot_task_examples([tmp_path / "my_xray_16.npz"], tmp_path / "examples.png", per_task=10)

@@ -53,3 +53,37 @@ def test_a_batch_that_does_not_split_is_refused_before_launch(params, corpus_dir
     job = replace(job, train=replace(job.train, batch_size=30))
     code = cli.main(["pretrain", "--job", to_json(job), "--corpus", str(corpus_dir), "--out", str(tmp_path), "--processes", "4"])
     assert code == 1 and "batch_size=30 does not split into 4 processes x 1 accumulation steps" in capsys.readouterr().err
+
+
+def test_srun_tasks_map_to_a_torch_distributed_world():
+    from biovfm.train.distributed import resolve_nproc, slurm_world_env
+
+    step = {"SLURM_JOB_ID": "4321", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "1", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
+    world = slurm_world_env(step)
+    assert world == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(15000 + 4321 % 2500 * 10)}
+    assert resolve_nproc(1, step) == 2
+    two_nodes = step | {"SLURM_STEP_NUM_NODES": "2", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "3"}
+    assert slurm_world_env(two_nodes)["MASTER_ADDR"] == "10.0.0.7"
+    assert slurm_world_env(two_nodes)["MASTER_PORT"] == str(15000 + 4321 % 2500 * 10 + 3)
+    assert slurm_world_env(step | {"MASTER_ADDR": "node1", "MASTER_PORT": "29400"})["MASTER_PORT"] == "29400"
+    # not a world: one task (the jobstep plugin's srun -n1), a batch script (no step id), torchrun, no SLURM
+    assert slurm_world_env(step | {"SLURM_NTASKS": "1"}) is None
+    assert slurm_world_env({k: v for k, v in step.items() if k != "SLURM_STEP_ID"}) is None
+    assert slurm_world_env(step | {"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) is None
+    assert slurm_world_env({}) is None
+
+
+def test_processes_follow_the_gpus_of_a_slurm_job():
+    from biovfm.train.distributed import resolve_nproc, slurm_job_gpus
+
+    job = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+    assert slurm_job_gpus(job | {"SLURM_GPUS_ON_NODE": "4"}) == 4
+    assert slurm_job_gpus(job | {"SLURM_STEP_GPUS": "0,1"}) == 2
+    assert slurm_job_gpus({"SLURM_GPUS_ON_NODE": "4"}) == 0  # not in a SLURM job
+    assert resolve_nproc(1, job | {"SLURM_GPUS_ON_NODE": "4"}) == 4  # one process per GPU the job got
+    assert resolve_nproc(0, job | {"SLURM_JOB_GPUS": "3"}) == 1
+    assert resolve_nproc(2, job) == 2  # a CPU job: pretrain.nproc
+    assert resolve_nproc(0, {}, visible_gpus=0) == 1 and resolve_nproc(0, {}, visible_gpus=8) == 8
+    assert resolve_nproc(1, {"LOCAL_RANK": "0", "WORLD_SIZE": "3"}) == 3  # a torchrun process

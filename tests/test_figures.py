@@ -1,43 +1,34 @@
-"""Figures: each writes a real PNG + same-stem SVG, also for degenerate grids (one size / one data size)."""
+"""Figures and report: each figure writes a real PNG + same-stem SVG, also for degenerate grids; the report builds."""
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from biovfm.analysis.figures import plot_auc_vs_data_size, plot_mean_auc_vs_params, plot_task_grid
-from biovfm.data.medmnist import TASKS
+from biovfm.analysis.collect import analyse, draw
+from biovfm.analysis.report import write_report
+from test_scaling import B, SIZES, TASKS3, power, study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SIZES = {"pico": 1_500_000, "nano": 5_500_000, "micro": 21_000_000}
-PLOTS = (plot_mean_auc_vs_params, plot_task_grid, plot_auc_vs_data_size)
+STATS = pd.DataFrame({"task": list(TASKS3), "n_samples": [100, 300, 200], "dbi": [1.0, 2.0, 3.0],
+                      "n_classes": [9, 14, 7], "gzip_median": [0.5, 0.6, 0.4], "pixel_entropy": [6.0, 5.0, 7.0],
+                      "imbalance": [1.2, 3.0, 6.0], "modality": ["histology", "xray", "dermoscopy"],
+                      "label_type": ["multi-class", "multi-label, binary-class", "multi-class"]})
+STUDY = {"source": "synthetic", "image_size": 28, "modalities": {"all": ["ct", "xray"], "xray": ["xray"]}}
 
 
-def figure_summary(sizes: dict[str, int] = SIZES, data: tuple[int, ...] = (1000, 4000)) -> pd.DataFrame:
-    """1 method (MAE, 2 seeds) x sizes x data sizes x 12 tasks, plus random init per size and raw pixels."""
-    rng = np.random.default_rng(0)
-    rows = []
+@functools.lru_cache(maxsize=None)
+def _tables(sizes: tuple, data: tuple, methods: tuple, extra: tuple) -> dict:
+    summary, reps = study(power, sizes=dict(sizes), data=data, methods=methods, extra=extra)
+    return analyse(summary, reps, STATS, STUDY, n_boot=B)
 
-    def add(run_id, kind, method, model, modality, d, seed, n, auc):
-        for i, t in enumerate(TASKS):
-            a = float(np.clip(auc - 0.01 * i + rng.normal(0, 0.003), 0.5, 0.999))
-            rows.append(dict(run_id=run_id, kind=kind, method=method, model=model, modality=modality,
-                             data_size=d, seed=seed, task=t, auc=a, acc=a - 0.1, params_encoder=n,
-                             params_paper=n + 100_000, flops_per_image=2.0 * n,
-                             images_seen=64_000 if kind == "pretrained" else 0,
-                             train_steps=1000 if kind == "pretrained" else 0))
 
-    for model, n in sizes.items():
-        for d in data:
-            for seed in (0, 1):
-                add(f"mae-{model}-{d}", "pretrained", "mae", model, "all", d, seed, n,
-                    0.6 * n ** 0.02 * d ** 0.005)
-        add(f"random-{model}", "random_init", "random", model, "", 0, 0, n, 0.62 * n ** 0.01)
-    add("raw", "raw_pixels", "raw", "", "", 0, 0, 0, 0.7)
-    return pd.DataFrame(rows)
+def tables(sizes=SIZES, data=(500, 4500), methods=("mae",), extra=()) -> dict:
+    """Analysis tables of a fixture study, computed once per set of arguments (figures never modify them)."""
+    return _tables(tuple(sizes.items()), tuple(data), tuple(methods), tuple(tuple(e) for e in extra))
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -57,46 +48,55 @@ def _check_outputs(paths, out_png: Path, min_w: int, min_h: int) -> None:
     assert not leftovers, f"temp files left behind: {leftovers}"
 
 
-@pytest.mark.parametrize("plot", PLOTS, ids=lambda f: f.__name__)
-def test_figure_from_full_fixture(plot, tmp_path: Path) -> None:
-    out = tmp_path / "figs" / f"{plot.__name__}.png"
-    _check_outputs(plot(figure_summary(), out), out, min_w=800, min_h=500)
+def _check_all(figs: dict, out: Path) -> None:
+    assert len(figs) == 8
+    for png in figs.values():
+        _check_outputs((png, png.with_suffix(".svg")), png, min_w=600, min_h=250)
 
 
-@pytest.mark.parametrize("plot", PLOTS, ids=lambda f: f.__name__)
+def test_every_figure_and_the_report_from_a_full_fixture(tmp_path: Path) -> None:
+    t = tables(methods=("mae", "dino"), extra=[("mae", "nano", "xray", 500)])
+    figs = draw(t, tmp_path / "figs")
+    _check_all(figs, tmp_path)
+    for png in figs.values():
+        assert png.stat().st_size > 15_000, png  # drew something, not an empty frame
+    html = write_report(tmp_path / "report.html", headline={"n_models": 10}, tables=t, figures=figs,
+                        missing=["results/runs/dino/micro/all/n4500/s0/eval.json"], notes=[], study=STUDY).read_text()
+    for title in ("A. Mean AUC", "B. Per-task", "C/D.", "E. Pretraining data", "F. Task factors", "Compute view",
+                  "Extrapolation check", "Missing evaluations", "dino/micro/all/n4500", "Not comparable"):
+        assert title in html, title
+    assert html.count("data:image/png;base64,") == 8 and "<script" not in html
+
+
 @pytest.mark.parametrize(
     "sizes, data",
-    [({"nano": 5_500_000}, (1000, 4000)), ({"nano": 5_500_000}, (4000,)), (SIZES, (4000,))],
+    [({"nano": 3.2e6}, (500, 4500)), ({"nano": 3.2e6}, (4500,)), (SIZES, (4500,))],
     ids=["one-size", "one-size-one-data", "one-data"],
 )
-def test_figure_from_degenerate_fixture(plot, sizes, data, tmp_path: Path) -> None:
-    out = tmp_path / f"{plot.__name__}.png"
-    _check_outputs(plot(figure_summary(sizes, data), out), out, min_w=800, min_h=500)
-
-
-def test_figure_baselines_only_and_missing_tasks(tmp_path: Path) -> None:
-    """No pretrained runs yet, and only some tasks evaluated: still draws (early-pipeline tables)."""
-    df = figure_summary()
-    df = df[(df["kind"] != "pretrained") & df["task"].isin(list(TASKS)[:5])]
-    for plot in PLOTS:
-        out = tmp_path / f"{plot.__name__}.png"
-        _check_outputs(plot(df, out), out, min_w=800, min_h=500)
+def test_figures_from_degenerate_grids(sizes, data, tmp_path: Path) -> None:
+    _check_all(draw(tables(sizes=sizes, data=data), tmp_path), tmp_path)
 
 
 def test_figure_rejects_bad_inputs(tmp_path: Path) -> None:
+    from biovfm.analysis.figures import plot_mean_auc_vs_params
+
+    t = tables()
     with pytest.raises(ValueError, match="empty"):
-        plot_mean_auc_vs_params(figure_summary().iloc[:0], tmp_path / "a.png")
+        plot_mean_auc_vs_params(t["points"].table.iloc[:0], t["fits"], tmp_path / "a.png")
     with pytest.raises(ValueError, match=r"\.png"):
-        plot_mean_auc_vs_params(figure_summary(), tmp_path / "a.svg")
+        plot_mean_auc_vs_params(t["points"], t["fits"], tmp_path / "a.svg")
 
 
-def test_figure_rerun_overwrites_identically(tmp_path: Path) -> None:
-    """Deterministic output (no dates in the SVG): reruns do not churn DVC-tracked figures."""
-    out = tmp_path / "a.png"
-    plot_mean_auc_vs_params(figure_summary(), out)
-    first = (out.read_bytes(), out.with_suffix(".svg").read_bytes())
-    plot_mean_auc_vs_params(figure_summary(), out)
-    assert (out.read_bytes(), out.with_suffix(".svg").read_bytes()) == first
+def test_figures_and_report_rerun_identically(tmp_path: Path) -> None:
+    """Deterministic output (no dates in SVG/HTML): reruns do not churn DVC-tracked files."""
+    t = tables()
+
+    def run(d: Path) -> dict[str, bytes]:
+        figs = draw(t, d)
+        write_report(d / "r.html", headline={"n_models": 1}, tables=t, figures=figs, missing=[], notes=[], study=STUDY)
+        return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+    assert run(tmp_path / "a") == run(tmp_path / "b")
 
 
 def test_task_examples_montage(tmp_path):
@@ -110,3 +110,16 @@ def test_task_examples_montage(tmp_path):
         write_npz(paths[-1], **generate_task(flag, 20, 20, 20, size=16, seed=0))
     png, svg = plot_task_examples(paths, tmp_path / "examples.png", per_task=5)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000 and svg.stat().st_size > 0
+
+
+def test_paper_comparison_for_a_comparable_run() -> None:
+    """Real MedMNIST at 224 px with the paper's ViT-T..L: our AUCs sit next to the paper's, one row per model
+    and task of each method's main series (the largest data size), even with several data sizes."""
+    summary, reps = study(power, sizes={"tiny": 5.5e6, "small": 2.2e7, "base": 8.6e7, "large": 3.0e8},
+                          methods=("mae", "dino"))
+    t = analyse(summary, reps, STATS, {"source": "medmnist", "image_size": 224, "modalities": {}}, n_boot=B)
+    cmp_ = t["paper_comparison"]
+    assert len(cmp_) == 2 * 4 * (len(TASKS3) + 1)
+    row = cmp_[(cmp_["method"] == "mae") & (cmp_["model"] == "large") & (cmp_["task"] == "chestmnist")].iloc[0]
+    assert row["paper"] == 78.66 and row["diff"] == pytest.approx(row["ours"] - 78.66)
+    assert t["paper_note"].startswith("Comparable")

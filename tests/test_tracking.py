@@ -52,3 +52,112 @@ def test_summary_columns_are_typed(mlflow_uri):
     s = summary_from_runs(tracking.fetch_runs(mlflow_uri, [rid]))
     assert s.loc[0, "kind"] == "random_init" and isinstance(s, pd.DataFrame)
     assert s["data_size"].dtype.kind == "i" and s["auc"].dtype.kind == "f"
+
+
+# -- an unreachable store: one warning, a local record, and a replay that adds nothing twice --------------------
+def _dead_http_uri() -> str:
+    import socket
+
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_server_degrades_to_the_record_with_one_warning(tmp_path, monkeypatch, capfd):
+    import json
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_http_uri())
+    monkeypatch.setenv(tracking.RETRY_ENV, "1")
+    out = tmp_path / "runs" / "x"
+    out.mkdir(parents=True)
+    (out / "history.csv").write_text("step,loss,images_seen\n1,2.0,8\n2,1.5,16\n3,1.25,24\n")
+    t0 = time.monotonic()
+    run = tracking.Run("sqlite:///unused.db", "test", name="pretrain x", tags={"stage": "pretrain", "grid_id": "x"},
+                       params={"train": {"steps": 3}}, key="pretrain:x:abc", record=tracking.record_path(out),
+                       series={"file": "history.csv", "step": "step", "exclude": ["images_seen"]})
+    for s in (1, 2, 3):
+        run.log_series([(s, {"loss": 1.0})])
+    run.log_metrics({"final_loss": 1.25}, step=3)
+    run.finish()
+    assert time.monotonic() - t0 < 8  # one retry budget, then no more waiting
+    assert capfd.readouterr().err.count("[tracking] WARNING") == 1
+    rec = json.loads((out / "mlflow.json").read_text())
+    assert rec["status"] == "FINISHED" and rec["mlflow_run_id"] is None and not rec["logged_live"]
+    assert rec["params"] == {"train.steps": "3"} and rec["tags"][tracking.KEY_TAG] == "pretrain:x:abc"
+    assert rec["metrics"] == [{"step": 3, "values": {"final_loss": 1.25}}]
+
+
+def test_import_replays_records_once_and_aggregate_finds_them(tmp_path, monkeypatch):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_http_uri())
+    monkeypatch.setenv(tracking.RETRY_ENV, "0.5")
+    res = tmp_path / "results"
+    pre = res / "runs" / "mae" / "n60"
+    pre.mkdir(parents=True)
+    (pre / "history.csv").write_text("step,loss,lr,images_seen\n" + "".join(f"{s},{1 / s},0.1,{8 * s}\n" for s in range(1, 6)))
+    run = tracking.Run("x", "test", name="pretrain mae/n60", tags={"stage": "pretrain", "grid_id": "mae/n60"},
+                       params={"a": {"b": 1}}, key="pretrain:mae/n60:f1", record=tracking.record_path(pre),
+                       series={"file": "history.csv", "step": "step", "exclude": ["images_seen"]})
+    run.log_metrics({"wall_time_s": 3.0}, step=5)
+    run.finish()
+    ev = tracking.Run("x", "test", name="evaluate mae/n60", tags={"stage": "evaluate", "grid_id": "mae/n60",
+                      "kind": "pretrained", "method": "mae", "model": "femto", "data_size": "60", "seed": "0"},
+                      params={"kind": "pretrained"}, key="evaluate:mae/n60:f2", record=tracking.record_path(pre / "eval.json"))
+    ev.log_metrics({"auc.pathmnist": 0.7, "acc.pathmnist": 0.6})
+    ev.finish()
+    eval_record = {"run_id": "mae/n60", "mlflow_run_id": ev.run_id, "mlflow_key": ev.key}
+    assert (pre / "eval.mlflow.json").is_file() and ev.run_id is None
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    tracking.init_store(store, "test")
+    with pytest.raises(RuntimeError, match=r"1 evaluation job\(s\).*mae/n60.*biovfm mlflow-import"):
+        tracking.fetch_eval_runs(store, [eval_record])
+    first = tracking.import_results(res)
+    assert first["created"] == 2 and first["records"] == 2
+    again = tracking.import_results(res)
+    assert again["created"] == 0 and again["updated"] == 0 and again["unchanged"] == 2
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    p = next(r for r in runs if r.data.tags["stage"] == "pretrain")
+    assert p.data.params == {"a.b": "1"} and p.data.metrics["wall_time_s"] == 3.0
+    assert sorted(m.step for m in client.get_metric_history(p.info.run_id, "loss")) == [1, 2, 3, 4, 5]
+    assert "images_seen" not in p.data.metrics and len(client.get_metric_history(p.info.run_id, "lr")) == 5
+    got = tracking.fetch_eval_runs(store, [eval_record])
+    assert got[0]["metrics"]["auc.pathmnist"] == 0.7 and got[0]["tags"]["grid_id"] == "mae/n60"
+    assert summary_from_runs(got).loc[0, "auc"] == pytest.approx(0.7)
+    assert json.loads((pre / "mlflow.json").read_text())["mlflow_run_id"] is None  # outputs are never rewritten
+
+
+def test_import_completes_a_run_cut_short_and_keeps_it(mlflow_uri, tmp_path):
+    """A live run that lost the end of its curve (store down mid-job) is completed in place, not duplicated."""
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "history.csv").write_text("step,loss\n" + "".join(f"{s},{1 / s}\n" for s in range(1, 9)))
+    run = tracking.Run(mlflow_uri, "test", name="pretrain y", tags={"stage": "pretrain", "grid_id": "y"},
+                       params={"p": 1}, record=tracking.record_path(out), series={"file": "history.csv"})
+    run.log_series([(s, {"loss": 1 / s}) for s in range(1, 4)])  # then the store "went away"
+    run.offline = True
+    run.log_metrics({"final_loss": 0.125}, step=8)
+    run.finish()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    counts = tracking.import_results(tmp_path, uri=mlflow_uri)
+    assert counts["updated"] == 1 and counts["created"] == 0
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "loss")) == list(range(1, 9))
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 1
+
+
+def test_retry_budget_is_validated(monkeypatch):
+    monkeypatch.setenv(tracking.RETRY_ENV, "soon")
+    with pytest.raises(ValueError, match="BIOVFM_MLFLOW_RETRY_S"):
+        tracking.retry_budget()

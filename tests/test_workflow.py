@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from biovfm.config import grid_points, validate_params
 from conftest import REPO, TINY_PARAMS
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none"]
@@ -48,12 +49,15 @@ def workdir(tmp_path) -> Path:
 
 def test_dry_run_of_the_default_grid_has_one_job_per_grid_point(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = validate_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     g = p["grid"]
-    n_points = len(g["methods"]) * len(g["models"]) * len(g["data_sizes"]) * len(g["modalities"]) * len(g["seeds"])
+    n_product = len(g["methods"]) * len(g["models"]) * len(g["data_sizes"]) * len(g["modalities"]) * len(g["seeds"])
+    n_points = len(list(grid_points(p)))
+    assert n_points == n_product + 2  # grid.extra: a single-modality corpus for one model, both methods
     jobs = planned_jobs(tmp_path)
     assert jobs["pretrain"] == n_points and jobs["evaluate"] == n_points
     assert jobs["evaluate_random_init"] == len(g["models"]) * len(g["seeds"]) and jobs["evaluate_raw_pixels"] == 1
+    assert jobs["task_stats"] == 1 and jobs["aggregate"] == 1
 
 
 def test_bad_params_fail_before_any_job(workdir):
@@ -79,10 +83,32 @@ def test_small_study_end_to_end(workdir):
     assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels"}
     assert summary["auc"].between(0, 1).all() and summary["acc"].between(0, 1).all()
     assert set(summary.loc[summary["kind"] == "pretrained", "method"]) == {"mae", "dino"}
-    for fig in ("mean_auc_vs_params", "task_grid", "auc_vs_data_size"):
+    for fig in ("mean_auc_vs_params", "task_grid", "task_slopes", "data_comparison", "auc_vs_data_size",
+                "factor_correlations", "compute_frontier", "extrapolation"):
         assert (res / "figures" / f"{fig}.png").stat().st_size > 10_000
     headline = json.loads((res / "summary.json").read_text())
     assert headline["n_models"] == n_models
+    # every AUC with a bootstrap interval around it; fits for every axis; the report holds it all
+    points = pd.read_csv(res / "tables" / "points.csv", keep_default_na=False)
+    assert len(points) == n_models * (n_tasks + 1)  # + the task mean
+    assert ((points["auc_lo"] <= points["auc"]) & (points["auc"] <= points["auc_hi"])).all()
+    assert (points["auc_hi"] - points["auc_lo"]).min() > 0
+    fits = pd.read_csv(res / "fits.csv")
+    assert set(fits["axis"]) == {"params", "images", "compute"} and set(fits["form"]) == {"loglog", "saturating"}
+    mean = fits[(fits["axis"] == "params") & (fits["task"] == "mean") & (fits["form"] == "loglog")]
+    assert mean["slope_lo"].notna().all() and (mean["slope_lo"] <= mean["slope"]).all()
+    stats = pd.read_csv(res / "tables" / "task_stats.csv")
+    assert len(stats) == n_tasks and stats["dbi"].notna().all()
+    html = (res / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 8 and "Missing evaluations" not in html
+
+    # a failed or missing evaluation is listed in the report, not a crash
+    evals = sorted(str(p) for p in res.rglob("eval.json"))
+    proc = subprocess.run(["biovfm", "aggregate", "--evals", *evals, str(res / "runs/mae/atto/all/n999/s0/eval.json"),
+                           "--uri", f"sqlite:///{res / 'mlflow.db'}", "--out", str(workdir / "partial"), "--n-boot", "50"],
+                          capture_output=True, text=True, env=_env(), cwd=workdir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "n999/s0/eval.json" in (workdir / "partial" / "report.html").read_text()
 
     # MLflow: one run per pretraining job and per evaluation job (+ the corpus report), and the summary names
     # exactly the evaluation runs
@@ -195,3 +221,14 @@ def test_killed_pretraining_job_resumes_when_the_workflow_reruns(workdir):
     assert history["step"].tolist() == list(range(1, 601))
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     assert not list(run_dir.glob("state-*"))
+
+
+@pytest.mark.parametrize("configfile", [None, "configs/medmnist.yaml"], ids=["default", "medmnist"])
+def test_snakemake_lint_is_clean(tmp_path, configfile):
+    """`snakemake --lint` reports nothing, for the default study and the real-MedMNIST one (other download rules)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    extra = ["--configfile", str(REPO / configfile)] if configfile else []
+    proc = snakemake(tmp_path, "--lint", *extra, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations, your workflow is in a good condition!" in out, out[-3000:]
+    assert "Lints for" not in out

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 
 def _download(a: argparse.Namespace) -> None:
-    import json
-
     from biovfm.data.download import generate_synthetic
     from biovfm.io import write_json
 
@@ -38,8 +37,6 @@ def _name_md5(text: str) -> tuple[str, str]:
 
 
 def _preprocess_task(a: argparse.Namespace) -> None:
-    import json
-
     from biovfm.data.medmnist import task_info_from_dict
     from biovfm.data.preprocess import preprocess_task
 
@@ -48,8 +45,6 @@ def _preprocess_task(a: argparse.Namespace) -> None:
 
 
 def _preprocess_corpus(a: argparse.Namespace) -> None:
-    import json
-
     from biovfm.data import store
     from biovfm.data.preprocess import log_corpus_report, preprocess_corpus
 
@@ -74,6 +69,15 @@ def _mlflow_init(a: argparse.Namespace) -> None:
 
     exp = tracking.init_store(a.uri, a.experiment)
     write_json(a.out, {"tracking_uri": tracking.resolve_uri(a.uri), "experiment": a.experiment, "experiment_id": exp})
+
+
+def _mlflow_import(a: argparse.Namespace) -> None:
+    from biovfm import tracking
+
+    if not Path(a.results).is_dir():
+        raise FileNotFoundError(f"--results {a.results}: no such folder (run from the study's folder, or pass it)")
+    corpus = a.corpus_report or None
+    tracking.import_results(a.results, a.uri or None, a.experiment or None, corpus)
 
 
 def _models(a: argparse.Namespace) -> None:
@@ -101,14 +105,11 @@ def _pretrain(a: argparse.Namespace) -> None:
     from biovfm.train.engine import micro_batch, pretrain
 
     job = pretrain_job_from_json(a.job)
-    nproc = job.train.nproc if a.processes is None else a.processes
-    if nproc == 0:
-        import torch
-
-        nproc = max(1, torch.cuda.device_count())
+    # 0: one per visible GPU; in a SLURM job with GPUs: one per GPU of the job; under srun -n N: N
+    nproc = distributed.resolve_nproc(job.train.nproc if a.processes is None else a.processes)
     threads = a.threads or job.train.threads
     micro_batch(job.train.batch_size, nproc, job.train.grad_accum)  # fail here, not in every process
-    if nproc > 1 and not distributed.launched_by_torchrun():
+    if nproc > 1 and not distributed.launched_as_world():
         # Re-run this very command as nproc processes; each gets its share of the job's threads.
         argv = ["pretrain", "--job", a.job, "--corpus", a.corpus, "--out", a.out, "--processes", str(nproc),
                 "--threads", str(max(1, threads // nproc))]
@@ -133,13 +134,33 @@ def _evaluate(a: argparse.Namespace) -> None:
 def _aggregate(a: argparse.Namespace) -> None:
     from biovfm.analysis.collect import aggregate
 
-    aggregate(a.evals, a.uri, a.out)
+    aggregate(a.evals, a.uri, a.out, study=json.loads(a.study), task_stats=a.task_stats, n_boot=a.n_boot)
 
 
 def _show_tasks(a: argparse.Namespace) -> None:
     from biovfm.analysis.figures import plot_task_examples
 
     plot_task_examples(a.tasks, a.out)
+
+
+def _task_stats(a: argparse.Namespace) -> None:
+    from biovfm.analysis.taskstats import run_task_stats
+    from biovfm.data.medmnist import task_info_from_dict
+
+    custom = [task_info_from_dict(d) for d in json.loads(a.custom_tasks)] if a.custom_tasks else []
+    run_task_stats(a.tasks, a.out, custom, max_images=a.max_images, seed=a.seed)
+
+
+def _sync(a: argparse.Namespace) -> None:
+    from biovfm import sync
+
+    cwd = Path(a.dir)
+    if a.action == "push":
+        sync.push(cwd, a.remote, a.jobs)
+    elif a.action == "pull":
+        sync.pull(cwd, a.remote, a.jobs, adopt_outputs=not a.no_adopt, snakemake_args=a.snakemake)
+    else:
+        sync.adopt(cwd, a.snakemake)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="PNG path (an SVG is written next to it)")
     s.set_defaults(fn=_show_tasks)
 
+    s = sub.add_parser("task-stats", help="model-independent task characteristics (samples, DBI, compressibility, "
+                       "entropy, imbalance) for the slope-vs-factor analysis")
+    s.add_argument("--tasks", nargs="+", required=True, help="task npz files (<task>_<size>.npz)")
+    s.add_argument("--custom-tasks", default="", help="JSON list of TaskInfo dicts for the non-MedMNIST tasks")
+    s.add_argument("--max-images", type=int, default=2000, help="images sampled per task for the DBI")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="CSV path, e.g. results/tables/task_stats.csv")
+    s.set_defaults(fn=_task_stats)
+
     s = sub.add_parser("models", help="the ViT ladder with parameter counts (encoder-only and as the paper counts them)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--image-size", type=int, default=0, help="default: data.image_size of the params")
@@ -196,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--experiment", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_mlflow_init)
+
+    s = sub.add_parser("mlflow-import", help="replay the jobs' tracking records (params, tags, metric histories) into "
+                       "MLflow, adding only what is missing (after the store was unreachable; safe to rerun)")
+    s.add_argument("--results", default="results", help="the study's results folder (searched for *mlflow.json records)")
+    s.add_argument("--uri", default="", help="target store; default MLFLOW_TRACKING_URI, else the URI each job used")
+    s.add_argument("--experiment", default="", help="default: the experiment each job used")
+    s.add_argument("--corpus-report", default="data/processed/corpus/report.json",
+                   help="the corpus report to replay too, if the file exists ('' to skip)")
+    s.set_defaults(fn=_mlflow_import)
 
     s = sub.add_parser("pretrain", help="pretrain one grid point")
     s.add_argument("--job", required=True, help="resolved job config (JSON)")
@@ -214,11 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_evaluate)
 
-    s = sub.add_parser("aggregate", help="summary table, slopes and figures from the MLflow runs of this DAG")
-    s.add_argument("--evals", nargs="+", required=True)
+    s = sub.add_parser("aggregate", help="bootstrap intervals, scaling fits, figures and report from the MLflow runs of "
+                       "this DAG; eval.json files that do not exist are reported as missing")
+    s.add_argument("--evals", nargs="+", required=True, help="the expected eval.json files")
     s.add_argument("--uri", required=True)
+    s.add_argument("--study", default="{}", help="JSON: data source, image size and modalities (params.yaml)")
+    s.add_argument("--task-stats", default=None, help="CSV of task characteristics (biovfm task-stats) for Figure F")
+    s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each test set")
     s.add_argument("--out", required=True, help="results folder")
     s.set_defaults(fn=_aggregate)
+
+    s = sub.add_parser("sync", help="push the study (data, checkpoints, MLflow store, results) to a DVC remote, or "
+                       "pull it and mark it up to date so only missing outputs rebuild")
+    s.add_argument("action", choices=["push", "pull", "adopt"],
+                   help="push: dvc push; pull: dvc pull + adopt; adopt: after a `dvc checkout`, touch the outputs in "
+                   "DAG order and record Snakemake's params/code metadata (snakemake --touch --forceall)")
+    s.add_argument("-r", "--remote", default=None, help="DVC remote name (default: the default remote)")
+    s.add_argument("-j", "--jobs", type=int, default=None, help="parallel transfers (dvc -j)")
+    s.add_argument("--no-adopt", action="store_true", help="pull: only `dvc pull`")
+    s.add_argument("--dir", default=".", help="the study's checkout (default: here)")
+    s.add_argument("snakemake", nargs="*", metavar="-- SNAKEMAKE_ARGS",
+                   help="extra snakemake arguments for adopt, after `--` (e.g. -- --configfile configs/x.yaml)")
+    s.set_defaults(fn=_sync)
 
     args = parser.parse_args(argv)
     try:

@@ -113,6 +113,13 @@ def _check_data(p: dict[str, Any], source: str) -> None:
 
 
 def _check_references(p: dict[str, Any], source: str) -> None:
+    for i, grid in enumerate(sub_grids(p)):
+        where = source if i == 0 else f"{source} (grid.extra[{i - 1}])"
+        _check_grid({**p, "grid": grid}, where)
+    _check_corpus(p, source)
+
+
+def _check_grid(p: dict[str, Any], source: str) -> None:
     grid = p["grid"]
     for name in grid["models"]:
         if name not in p["models"]:
@@ -143,7 +150,6 @@ def _check_references(p: dict[str, Any], source: str) -> None:
         t = train_settings(p, method)
         if t.batch_size % t.grad_accum:
             raise ParamsError(f"{source}: {method}: batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}")
-    _check_corpus(p, source)
 
 
 def _check_corpus(p: dict[str, Any], source: str) -> None:
@@ -154,7 +160,8 @@ def _check_corpus(p: dict[str, Any], source: str) -> None:
     pretraining job asking a mix for more images than the store holds fails with the counts by modality."""
     from biovfm.data.sources import SourceError, default_sources, source_from_dict, source_to_dict, static_modalities
 
-    c, grid = p["corpus"], p["grid"]
+    c = p["corpus"]
+    grid = {k: grid_values(p, k) for k in GRID_AXES}  # every sub-grid's values (the checks are per value)
     c.setdefault("sources", default_sources(p["data"]))
     try:
         srcs = [source_from_dict(d, p["data"]) for d in c["sources"]]
@@ -180,14 +187,14 @@ def _check_corpus(p: dict[str, Any], source: str) -> None:
                 raise ParamsError(
                     f"{source}: grid.data_sizes: {n} exceeds data.synthetic.corpus_size={pool}; raise corpus_size or drop the value"
                 )
-            for name in grid["modalities"]:
-                share = len(set(p["modalities"][name]) & set(MODALITIES))
-                have = pool * share // len(MODALITIES)  # the synthetic corpus: an equal mix of the task modalities
-                if n > have:
-                    raise ParamsError(
-                        f"{source}: grid.data_sizes: {n} images of modality mix {name!r} need a larger corpus "
-                        f"(about {have} of data.synthetic.corpus_size={pool} are {name}); raise corpus_size"
-                    )
+        for n, name in dict.fromkeys((g["data_size"], g["modality"]) for g in grid_points(p)):
+            share = len(set(p["modalities"][name]) & set(MODALITIES))
+            have = pool * share // len(MODALITIES)  # the synthetic corpus: an equal mix of the task modalities
+            if n > have:
+                raise ParamsError(
+                    f"{source}: grid.data_sizes: {n} images of modality mix {name!r} need a larger corpus "
+                    f"(about {have} of data.synthetic.corpus_size={pool} are {name}); raise corpus_size"
+                )
 
 
 # --------------------------------------------------------------------------------------------- typed views
@@ -379,10 +386,28 @@ def random_init_id(model: str, seed: int) -> str:
 RAW_PIXELS_ID = "raw/pixels"
 
 
+GRID_AXES = ("methods", "models", "modalities", "data_sizes", "seeds")
+
+
+def sub_grids(p: dict[str, Any]) -> list[dict[str, list]]:
+    """The main grid, then each ``grid.extra`` entry with the axes it leaves out taken from the main grid."""
+    base = {k: p["grid"][k] for k in GRID_AXES}
+    return [base] + [{**base, **extra} for extra in p["grid"].get("extra", [])]
+
+
+def grid_values(p: dict[str, Any], axis: str) -> list:
+    """Every value of ``axis`` in any sub-grid, in first-seen order."""
+    return list(dict.fromkeys(v for g in sub_grids(p) for v in g[axis]))
+
+
 def grid_points(p: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    g = p["grid"]
-    for method, model, modality, n, seed in itertools.product(g["methods"], g["models"], g["modalities"], g["data_sizes"], g["seeds"]):
-        yield dict(method=method, model=model, modality=modality, data_size=n, seed=seed)
+    """Every grid point once: the main product, then the extra sub-grids' points it does not already hold."""
+    seen = set()
+    for g in sub_grids(p):
+        for point in itertools.product(*(g[k] for k in GRID_AXES)):
+            if point not in seen:
+                seen.add(point)
+                yield dict(zip(("method", "model", "modality", "data_size", "seed"), point))
 
 
 def code_version(*parts: str) -> str:
@@ -396,3 +421,34 @@ def code_version(*parts: str) -> str:
             h.update(str(f.relative_to(pkg)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- cluster (SLURM)
+def cluster_resources(p: dict[str, Any], rule: str, model: str | None = None) -> dict[str, Any]:
+    """What a job of ``rule`` asks SLURM for, from the params' ``cluster`` section (defaults filled by the schema).
+
+    Keys are the SLURM executor plugin's resource names: ``slurm_partition``, ``slurm_account``, ``mem_mb``,
+    ``runtime`` (minutes) and, for ``pretrain`` jobs of ``model``, ``gpu`` (a count; 0 = a CPU job), ``gpu_model``
+    and ``cpus_per_gpu``. Every other rule is a CPU-only job: ``cluster.cpu_jobs``, overridden by
+    ``cluster.rules.<rule>``. A value of None means "not set" (the cluster's default). Only the SLURM executor reads
+    them; a local run schedules on threads alone.
+    """
+    c = p["cluster"]
+    res: dict[str, Any] = {"slurm_account": c["account"]}
+    if rule == "pretrain":
+        if model is None:
+            raise ValueError("cluster_resources(..., 'pretrain', model): the model size is required")
+        sizes = c["pretrain"]
+        unknown = sorted(set(sizes) - set(p["models"]) - {"default"})
+        if unknown:
+            raise ParamsError(f"cluster.pretrain: {', '.join(unknown)} not a model size under models "
+                              f"(sizes: {', '.join(p['models'])}, or `default`)")
+        lim = {**sizes["default"], **sizes.get(model, {})}
+        gpus = lim["gpus"]
+        res |= {"slurm_partition": c["gpu_partition"] if gpus else c["cpu_partition"], "mem_mb": lim["mem_mb"],
+                "runtime": lim["runtime"], "gpu": gpus,
+                "gpu_model": c["gpu_model"] if gpus else None, "cpus_per_gpu": c["cpus_per_gpu"] if gpus else None}
+        return res
+    lim = {**c["cpu_jobs"], **c["rules"].get(rule, {})}
+    res |= {"slurm_partition": c["cpu_partition"], "mem_mb": lim["mem_mb"], "runtime": lim["runtime"]}
+    return res

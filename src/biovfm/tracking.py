@@ -1,18 +1,54 @@
-"""MLflow: one local SQLite store (created once, before parallel jobs), runs tagged by grid point.
+"""MLflow: a local SQLite store or a shared ``mlflow server``; every run is also recorded in the job's own files.
 
-Jobs log to the store directly with retries (SQLite allows one writer at a time); the aggregate step
-reads back exactly the runs whose ids the current DAG's outputs name, so stale runs of earlier params
-never leak into tables or figures.
+* Local (``sqlite:///results/mlflow.db``): one store, created once before parallel jobs (the ``mlflow_init`` rule).
+* Server (``http://HOST:PORT``, e.g. several jobs on several nodes): jobs log live (a pretraining job's loss curve
+  appears while it runs). Every call retries for a bounded time (``BIOVFM_MLFLOW_RETRY_S`` seconds, default 15);
+  MLflow's own HTTP retries are turned off so that an unreachable server fails fast into that loop. If the store
+  stays unreachable, the job prints ONE warning and keeps going without MLflow: nothing is lost, because each run
+  is also described by a record next to the job's outputs (``mlflow.json`` / ``<name>.mlflow.json``: experiment,
+  run name, tags, params, point metrics, the file holding its metric series).
+* ``biovfm mlflow-import`` (:func:`import_results`) replays those records into MLflow, creating only what is
+  missing: runs are identified by a stable key tag (``biovfm.key`` = stage:grid_id:fingerprint of the job config),
+  set at live-logging time too, so importing twice, or after jobs that logged live, adds nothing.
+
+The aggregate step reads back exactly the evaluation runs that this DAG's outputs name (:func:`fetch_eval_runs`),
+so stale runs of earlier params never leak into tables or figures.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
+import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+RETRY_ENV = "BIOVFM_MLFLOW_RETRY_S"
+DEFAULT_RETRY_S = 15.0
+KEY_TAG = "biovfm.key"
+RECORD_NAME = "mlflow.json"  # a job's record in its run folder; next to another output: <stem>.mlflow.json
+IMPORT_HINT = "biovfm mlflow-import --results results"
+
+# An unreachable server must fail fast into our own bounded retry loop, not into MLflow's (7 retries with
+# exponential backoff and a 120 s timeout: minutes per call). Users may still override these.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+# Errors that no retry can fix (a wrong id, a bad value): reported at once.
+_PERMANENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
+_SYNC: contextvars.ContextVar[bool] = contextvars.ContextVar("biovfm_tracking_sync", default=False)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store could not be reached (or kept failing) for the whole retry budget."""
 
 
 def resolve_uri(uri: str) -> str:
@@ -20,33 +56,90 @@ def resolve_uri(uri: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or uri
 
 
-def _client(uri: str):
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def retry_budget() -> float:
+    """Seconds a tracking call keeps retrying (``BIOVFM_MLFLOW_RETRY_S``, default 15)."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    if not text:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{RETRY_ENV}={text!r}: expected seconds (a number >= 0), e.g. {RETRY_ENV}=15") from None
+    if not value >= 0:
+        raise ValueError(f"{RETRY_ENV}={text!r}: expected seconds (a number >= 0), e.g. {RETRY_ENV}=15")
+    return value
+
+
+def _client(uri: str, exact: bool = False):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    return MlflowClient(tracking_uri=uri if exact else resolve_uri(uri))
 
 
-def _retry(fn: Callable[[], T], what: str, attempts: int = 6, delay: float = 0.5) -> T:
-    for i in range(attempts):
+def _error_code(e: BaseException) -> str:
+    return str(getattr(e, "error_code", "") or "")
+
+
+def _retry(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
+    """Call ``fn`` until it succeeds, backing off (0.5 s doubling, at most 4 s) for ``budget`` seconds in all.
+
+    Transient failures ("database is locked", a server briefly down or restarting) are retried; permanent ones
+    (a missing run, a bad value) are raised at once. Raises :class:`TrackingUnavailable` when the budget is spent.
+    """
+    budget = retry_budget() if budget is None else budget
+    deadline = time.monotonic() + budget
+    delay, attempts = 0.5, 0
+    while True:
+        attempts += 1
         try:
             return fn()
-        except Exception as e:  # "database is locked", a server briefly down
-            if i == attempts - 1:
-                raise RuntimeError(f"MLflow: {what} failed after {attempts} attempts: {e}") from e
-            time.sleep(delay * 2**i)
-    raise AssertionError("unreachable")
+        except Exception as e:  # noqa: BLE001 - classified below
+            if _error_code(e) in _PERMANENT:
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(f"MLflow: {what} failed after {attempts} attempt(s) over {budget:g} s "
+                                          f"({type(e).__name__}: {str(e)[:300]})") from e
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 4.0)
 
 
-def init_store(uri: str, experiment: str) -> str:
+def _get_or_create_experiment(client, experiment: str, uri: str, create: bool) -> str:
+    exp = _retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist in {uri}; run the mlflow_init rule first")
+    try:
+        return _retry(lambda: client.create_experiment(experiment), "create experiment")
+    except Exception as e:  # noqa: BLE001 - another job created it first
+        if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return _retry(lambda: client.get_experiment_by_name(experiment), "get experiment").experiment_id
+
+
+def init_store(uri: str, experiment: str) -> str | None:
     """Create (or open) the store and the experiment once; returns the experiment id.
 
     Run serially before any training job: concurrent first creation of a SQLite store races in
-    MLflow's migrations (shared/reference/environment.md section 4).
+    MLflow's migrations (shared/reference/environment.md section 4). A tracking server that cannot be reached
+    is not fatal: a warning, and ``None`` (the jobs then keep their records locally, see the module doc).
     """
     uri = resolve_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
+    client = _client(uri, exact=True)
+    if is_server(uri):
+        try:
+            return _get_or_create_experiment(client, experiment, uri, create=True)
+        except TrackingUnavailable as e:
+            _warn(f"MLflow server {uri} is unreachable ({e}); the jobs will keep their tracking records next to "
+                  f"their outputs. Start the server and run `{IMPORT_HINT}` to replay them.")
+            return None
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
@@ -67,55 +160,362 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def fingerprint(config: Any) -> str:
+    """Short content hash of a JSON-able config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_key(stage: str, grid_id: str, fp: str) -> str:
+    """The stable identity of a job's run (tag ``biovfm.key``): what import and the aggregate step match on."""
+    return f"{stage}:{grid_id}:{fp}"
+
+
+def record_path(output: str | os.PathLike) -> Path:
+    """Where a job records its run: ``<dir>/mlflow.json`` for a folder, ``<dir>/<stem>.mlflow.json`` for a file."""
+    p = Path(output)
+    return p / RECORD_NAME if p.is_dir() or not p.suffix else p.with_name(f"{p.stem}.{RECORD_NAME}")
+
+
+def _warn(msg: str) -> None:
+    print(f"[tracking] WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Inside this block every :class:`Run` is a replay: it reuses the run with the same key (or id) and logs only
+    what that run lacks, and tracking errors are raised (an import must not pretend to succeed)."""
+    token = _SYNC.set(True)
+    try:
+        yield
+    finally:
+        _SYNC.reset(token)
+
+
 class Run:
-    """An MLflow run that one job owns; every call retries, so a locked SQLite store does not kill a job."""
+    """An MLflow run that one job owns.
+
+    Every call retries for :func:`retry_budget` seconds. If the store stays unreachable, the run goes offline:
+    one warning, then every further call is a no-op, so training and evaluation go on; ``record`` (a JSON file next
+    to the job's outputs, rewritten at start and at :meth:`finish`) keeps everything needed to replay the run
+    later (``series`` names the CSV file that holds the metric series, e.g. ``history.csv``).
+    """
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any],
-                 run_id: str | None = None) -> None:
-        from mlflow.entities import Param, RunTag
+                 run_id: str | None = None, *, key: str | None = None, record: str | os.PathLike | None = None,
+                 series: dict[str, Any] | None = None, exact_uri: bool = False, start_time: int | None = None) -> None:
+        from mlflow.entities import RunTag
 
-        self.client = _client(uri)
-        if run_id is None:
-            exp = _retry(lambda: self.client.get_experiment_by_name(experiment), "get experiment")
-            if exp is None:
-                raise RuntimeError(f"MLflow experiment {experiment!r} does not exist in {resolve_uri(uri)}; run the mlflow_init rule first")
-            run = _retry(lambda: self.client.create_run(exp.experiment_id, run_name=name, tags=tags), "create run")
-            self.run_id = run.info.run_id
-            items = [Param(k, v) for k, v in flatten(params).items()]
-            for i in range(0, len(items), 90):
-                chunk = items[i:i + 90]
-                _retry(lambda: self.client.log_batch(self.run_id, params=chunk), "log params")
-        else:  # resuming a killed job: keep logging into its run
-            self.run_id = run_id
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
         self._tag = RunTag
+        self.uri = uri if exact_uri else resolve_uri(uri)
+        self.client = _client(self.uri, exact=True)
+        self.replay = _SYNC.get()
+        self.experiment, self.name = experiment, name
+        self.params = flatten(params)
+        tags = {k: str(v) for k, v in tags.items()}
+        self.key = key or job_key(tags.get("stage", ""), tags.get("grid_id", name), fingerprint(self.params))
+        self.tags = {**tags, KEY_TAG: self.key}
+        self.record = Path(record) if record else None
+        self.series = series
+        self.start_time = start_time or int(time.time() * 1000)
+        self.points: list[dict[str, Any]] = []  # what log_metrics logged: replayed from the record
+        self.status = "RUNNING"
+        self.offline = False
+        self.created = False  # a new MLflow run (replay: none matched)
+        self.logged_points = 0
+        self._existing: dict[str, set[int]] | None = None  # replay: steps each metric already has
+        self.run_id: str | None = None
+        self._guard("start run", lambda: self._start(run_id))
+        self._write_record()
 
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a tracking step; on lasting failure go offline (one warning) - or raise, when replaying."""
+        if self.offline:
+            return None
+        try:
+            return fn()
+        except TrackingUnavailable as e:  # an unreachable store must not kill a job; a wrong config still does
+            if self.replay:
+                raise
+            self.offline = True
+            where = self.record or "the job's output files"
+            _warn(f"MLflow at {self.uri} failed ({what}: {type(e).__name__}: {str(e)[:300]}). Continuing WITHOUT "
+                  f"MLflow for the rest of this job (no further warnings); its params, tags and metrics are kept in "
+                  f"{where}. When the store is back, run `{IMPORT_HINT}` to replay them.")
+            return None
+
+    def _start(self, run_id: str | None) -> None:
+        from mlflow.entities import Param
+
+        c = self.client
+        if self.replay:
+            found = self._find(run_id)
+            if found is not None:
+                self.run_id = found.info.run_id
+                self._attach(found)
+                return
+            run_id = None
+        if run_id is not None:  # resuming a killed job: keep logging into its run
+            self.run_id = run_id
+            _retry(lambda: c.update_run(run_id, status="RUNNING"), "reopen run")
+            return
+        exp_id = _get_or_create_experiment(c, self.experiment, self.uri, create=is_server(self.uri) or self.replay)
+        run = _retry(lambda: c.create_run(exp_id, start_time=self.start_time, run_name=self.name, tags=self.tags),
+                     "create run")
+        self.run_id, self.created = run.info.run_id, True
+        self._existing = {}
+        items = [Param(k, v) for k, v in self.params.items()]
+        for i in range(0, len(items), 90):
+            chunk = items[i:i + 90]
+            _retry(lambda: c.log_batch(self.run_id, params=chunk), "log params")
+
+    def _find(self, run_id: str | None):
+        """Replay: the run with this id, else the newest run with this key, else None."""
+        c = self.client
+        if run_id:
+            try:
+                return _retry(lambda: c.get_run(run_id), f"get run {run_id}")
+            except Exception as e:  # noqa: BLE001
+                if _error_code(e) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        exp = _retry(lambda: c.get_experiment_by_name(self.experiment), "get experiment")
+        if exp is None:
+            return None
+        runs = _search_key(c, [exp.experiment_id], self.key)
+        return runs[0] if runs else None
+
+    def _attach(self, run) -> None:
+        from mlflow.entities import Param
+
+        c = self.client
+        missing = [Param(k, v) for k, v in self.params.items() if k not in run.data.params]
+        for i in range(0, len(missing), 90):
+            chunk = missing[i:i + 90]
+            _retry(lambda: c.log_batch(self.run_id, params=chunk), "log params")
+        new_tags = {k: v for k, v in self.tags.items() if run.data.tags.get(k) != v}
+        if new_tags:
+            items = [self._tag(k, v) for k, v in new_tags.items()]
+            _retry(lambda: c.log_batch(self.run_id, tags=items), "set tags")
+        self.status = run.info.status
+        self._existing = {}
+        for k in run.data.metrics:
+            hist = _retry(lambda: c.get_metric_history(self.run_id, k), f"get history of {k}")
+            self._existing[k] = {int(m.step) for m in hist}
+
+    def _write_record(self) -> None:
+        if self.record is None:
+            return
+        from biovfm.io import write_json
+
+        write_json(self.record, {
+            "format": 1, "uri": self.uri, "experiment": self.experiment, "run_name": self.name, "key": self.key,
+            "tags": self.tags, "params": self.params, "mlflow_run_id": self.run_id, "status": self.status,
+            "logged_live": not self.offline, "start_time": self.start_time,
+            "end_time": getattr(self, "end_time", None), "metrics": self.points, "series": self.series,
+        })
+
+    # -- logging -------------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.points.append({"step": int(step), "values": {k: float(v) for k, v in metrics.items()}})
         self.log_series([(step, metrics)])
 
-    def log_series(self, rows: Iterable[tuple[int, dict[str, float]]]) -> None:
+    def log_series(self, rows: Iterable[tuple[int, dict[str, float]]], timestamp: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for step, m in rows for k, v in m.items()]
+        if self.offline:
+            return
+        now = timestamp or int(time.time() * 1000)
+        items = []
+        for step, m in rows:
+            for k, v in m.items():
+                v = float(v)
+                if math.isnan(v) and self.replay:
+                    continue  # a gap in a CSV column, not a value
+                if self._existing is not None and int(step) in self._existing.get(k, ()):
+                    continue  # replay: already in the run
+                items.append(Metric(k, v, now, int(step)))
         for i in range(0, len(items), MAX_BATCH):
             chunk = items[i:i + MAX_BATCH]
-            _retry(lambda: self.client.log_batch(self.run_id, metrics=chunk), "log metrics")
+            self._guard("log metrics", lambda: _retry(lambda: self.client.log_batch(self.run_id, metrics=chunk),
+                                                      "log metrics"))
+            if self.offline:
+                return
+            self.logged_points += len(chunk)
+            if self._existing is not None:
+                for m in chunk:
+                    self._existing.setdefault(m.key, set()).add(m.step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
         items = [self._tag(k, str(v)) for k, v in tags.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, tags=items), "set tags")
+        self._guard("set tags", lambda: _retry(lambda: self.client.log_batch(self.run_id, tags=items), "set tags"))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        _retry(lambda: self.client.set_terminated(self.run_id, status=status), "end run")
+    def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """End the run (``status`` FINISHED/FAILED/KILLED) and write the record (status included)."""
+        self.end_time = end_time or int(time.time() * 1000)
+        current = self.status
+        self.status = status
+        if not (self.replay and current == status):
+            self._guard("end run", lambda: _retry(
+                lambda: self.client.set_terminated(self.run_id, status=status, end_time=self.end_time), "end run"))
+        self._write_record()
+
+
+def _search_key(client, experiment_ids: list[str], key: str, finished_only: bool = False) -> list:
+    flt = f"tags.`{KEY_TAG}` = '{key}'"
+    if finished_only:
+        flt += " and attributes.status = 'FINISHED'"
+    return _retry(lambda: client.search_runs(experiment_ids, flt, order_by=["attributes.start_time DESC"],
+                                             max_results=50), f"search runs with {KEY_TAG}={key}")
+
+
+def _as_dict(r) -> dict[str, Any]:
+    return {"run_id": r.info.run_id, "status": r.info.status, "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}
 
 
 def fetch_runs(uri: str, run_ids: Iterable[str]) -> list[dict[str, Any]]:
     """Params, metrics (latest values) and tags of exactly these runs."""
     client = _client(uri)
-    out = []
-    for rid in run_ids:
-        r = _retry(lambda: client.get_run(rid), f"get run {rid}")
-        out.append({"run_id": rid, "status": r.info.status, "params": dict(r.data.params),
-                    "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)})
+    return [_as_dict(_retry(lambda: client.get_run(rid), f"get run {rid}")) for rid in run_ids]
+
+
+def fetch_eval_runs(uri: str, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished MLflow run of each evaluation record (an ``eval.json``), in order, shaped as :func:`fetch_runs`.
+
+    A record names its run by ``mlflow_run_id`` (when the job logged live) and by ``mlflow_key`` (its stable key
+    tag, which is also how replayed runs are found). A job whose run is missing or unfinished (the store was down
+    while it ran) is an error that names the jobs and says how to replay them.
+    """
+    uri = resolve_uri(uri)
+    try:
+        return _fetch_eval_runs(uri, evals)
+    except TrackingUnavailable as e:
+        raise TrackingUnavailable(
+            f"cannot read the evaluation runs: the MLflow store {uri} is unreachable ({e}). Start it (or point "
+            f"MLFLOW_TRACKING_URI at the right one); if jobs ran while it was down, replay them first with "
+            f"`{IMPORT_HINT}`, then rerun this step.") from e
+
+
+def _fetch_eval_runs(uri: str, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    client = _client(uri, exact=True)
+    exp_ids: list[str] | None = None
+    out, missing = [], []
+    for e in evals:
+        run = None
+        rid = e.get("mlflow_run_id")
+        if rid:
+            try:
+                run = _retry(lambda: client.get_run(rid), f"get run {rid}")
+            except Exception as err:  # noqa: BLE001
+                if _error_code(err) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            if run is not None and run.info.status != "FINISHED":
+                run = None
+        if run is None and e.get("mlflow_key"):
+            if exp_ids is None:
+                exp_ids = [x.experiment_id for x in _retry(lambda: client.search_experiments(), "list experiments")]
+            found = _search_key(client, exp_ids, e["mlflow_key"], finished_only=True) if exp_ids else []
+            run = found[0] if found else None
+        if run is None:
+            missing.append(str(e.get("run_id", e.get("mlflow_key", "?"))))
+        else:
+            out.append(_as_dict(run))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise RuntimeError(
+            f"{len(missing)} evaluation job(s) have no finished run in MLflow at {uri}: {shown}. Their results are "
+            f"complete in their eval.json files (the store was unreachable while they ran): replay them into MLflow "
+            f"with `{IMPORT_HINT}` (same tracking URI), then rerun this step.")
     return out
+
+
+# -- replay ----------------------------------------------------------------------------------------------------
+def find_records(results: str | os.PathLike) -> list[Path]:
+    root = Path(results)
+    return sorted({*root.rglob(RECORD_NAME), *root.rglob(f"*.{RECORD_NAME}")})
+
+
+def _series_rows(record_file: Path, series: dict[str, Any]) -> list[tuple[int, dict[str, float]]]:
+    import pandas as pd
+
+    path = record_file.parent / series["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{record_file}: its metric series {path} is missing; rerun the job that wrote it")
+    df = pd.read_csv(path)
+    step_col, skip = series.get("step", "step"), set(series.get("exclude", ())) | {series.get("step", "step")}
+    cols = [c for c in df.columns if c not in skip]
+    return [(int(row[step_col]), {c: float(row[c]) for c in cols}) for _, row in df.iterrows()]
+
+
+def replay_record(record_file: str | os.PathLike, uri: str | None = None, experiment: str | None = None) -> Run:
+    """Replay one job record into MLflow, adding only what its run lacks (see :func:`import_results`)."""
+    record_file = Path(record_file)
+    rec = json.loads(record_file.read_text())
+    target = uri or resolve_uri(rec["uri"])
+    with replaying():
+        run = Run(target, experiment or rec["experiment"], rec["run_name"], rec["tags"], rec["params"],
+                  run_id=rec.get("mlflow_run_id"), key=rec["key"], exact_uri=True, start_time=rec.get("start_time"))
+        stamp = rec.get("end_time") or rec.get("start_time")
+        if rec.get("series"):
+            run.log_series(_series_rows(record_file, rec["series"]), timestamp=stamp)
+        for p in rec.get("metrics", []):
+            run.log_series([(p["step"], p["values"])], timestamp=stamp)
+        run.finish(rec["status"], end_time=rec.get("end_time"))
+    return run
+
+
+def import_results(results: str | os.PathLike, uri: str | None = None, experiment: str | None = None,
+                   corpus_report: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
+    """Replay every finished job under ``results`` (and the corpus report) into MLflow; returns counts.
+
+    Idempotent: a job's run is found by its recorded id or its key tag and only missing params, tags, metric
+    points and the final status are added; a job without a run gets a new one.
+    """
+    counts = {"records": 0, "created": 0, "updated": 0, "unchanged": 0, "skipped": 0}
+    records = find_records(results)
+    for f in records:
+        rec = json.loads(f.read_text())
+        if rec.get("status") != "FINISHED":
+            log(f"[mlflow-import] skipped {f}: the job did not finish (rerun it)")
+            counts["skipped"] += 1
+            continue
+        counts["records"] += 1
+        run = replay_record(f, uri, experiment)
+        state = "created" if run.created else ("updated" if run.logged_points else "unchanged")
+        counts[state] += 1
+        if state != "unchanged":
+            log(f"[mlflow-import] {state} {rec['run_name']} ({run.run_id}, {run.logged_points} metric points)")
+    if corpus_report is not None and Path(corpus_report).is_file():
+        from biovfm.data.preprocess import log_corpus_report
+
+        report = json.loads(Path(corpus_report).read_text())
+        target = uri or resolve_uri(_first(records, "uri"))
+        with replaying(), _uri_env(target):
+            rid = log_corpus_report(report, corpus_report, target, experiment or _first(records, "experiment"))
+        if rid is None:
+            raise TrackingUnavailable(f"the corpus report {corpus_report} could not be replayed (see above)")
+        counts["records"] += 1
+    log(f"[mlflow-import] {counts['records']} job record(s): {counts['created']} run(s) created, {counts['updated']} "
+        f"completed, {counts['unchanged']} already complete, {counts['skipped']} unfinished job(s) skipped")
+    return counts
+
+
+def _first(records: list[Path], field: str) -> str:
+    for f in records:
+        return json.loads(f.read_text())[field]
+    raise ValueError(f"no job records found to take the tracking {field} from; pass --uri and --experiment")
+
+
+@contextlib.contextmanager
+def _uri_env(uri: str) -> Iterator[None]:
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old

@@ -1,26 +1,53 @@
+FIGURES = ["mean_auc_vs_params", "task_grid", "task_slopes", "data_comparison", "auc_vs_data_size",
+           "factor_correlations", "compute_frontier", "extrapolation"]
+TABLES = ["points", "task_slopes", "correlations", "data_comparison", "compute_frontier", "recommendations",
+          "paper_comparison"]
+
+
+rule task_stats:
+    conda:
+        CONDA_ENV
+    # Model-independent task characteristics (samples, class separability, compressibility, ...) for Figure F.
+    input:
+        tasks=TASK_FILES,
+    output:
+        "results/tables/task_stats.csv",
+    params:
+        custom=json.dumps([dataclasses.asdict(t) for t in CUSTOM_TASKS.values()]),
+    resources:
+        **cfg.cluster_resources(config, "task_stats"),  # SLURM only: partition, account, mem_mb, runtime
+    log:
+        "results/logs/task_stats.log",
+    message:
+        "Task characteristics of the evaluation tasks"
+    shell:
+        "biovfm task-stats --tasks {input.tasks:q} --custom-tasks {params.custom:q} --out {output:q} 2>&1 | tee {log:q}"
+
+
 rule aggregate:
+    conda:
+        CONDA_ENV
     input:
         evals=eval_outputs(),
+        stats="results/tables/task_stats.csv",
         mlflow=ancient(MLFLOW_INIT),
     output:
         summary="results/summary.csv",
         metrics="results/summary.json",
-        mean_auc=report(
-            "results/figures/mean_auc_vs_params.png",
-            caption="../report/mean_auc_vs_params.rst",
-            category="Scaling",
-        ),
-        grid=report("results/figures/task_grid.png", caption="../report/task_grid.rst", category="Scaling"),
-        data=report(
-            "results/figures/auc_vs_data_size.png",
-            caption="../report/auc_vs_data_size.rst",
-            category="Scaling",
-        ),
+        fits="results/fits.csv",
+        report="results/report.html",
+        tables=expand("results/tables/{table}.csv", table=TABLES),
+        svgs=expand("results/figures/{fig}.svg", fig=FIGURES),
+        figures=[report(f"results/figures/{fig}.png", caption=f"../report/{fig}.rst", category="Scaling") for fig in FIGURES],
     params:
         uri=config["tracking"]["uri"],
+        study=json.dumps({"source": SOURCE, "image_size": SIZE, "modalities": config["modalities"]}),
+    resources:
+        **cfg.cluster_resources(config, "aggregate"),  # SLURM only: partition, account, mem_mb, runtime
     log:
         "results/logs/aggregate.log",
     message:
-        "Aggregating the evaluations from MLflow into tables and figures"
+        "Analysis: bootstrap intervals, scaling fits, figures and report from the MLflow runs"
     shell:
-        "biovfm aggregate --evals {input.evals:q} --uri {params.uri:q} --out results 2>&1 | tee {log:q}"
+        "biovfm aggregate --evals {input.evals:q} --uri {params.uri:q} --study {params.study:q} "
+        "--task-stats {input.stats:q} --out results 2>&1 | tee {log:q}"

@@ -6,7 +6,6 @@ import os
 from biovfm import config as cfg
 from biovfm.data.medmnist import npz_name
 
-GRID = config["grid"]
 SIZE = config["data"]["image_size"]
 TASKS = config["data"]["tasks"]
 RAW = f"data/raw/{config['data']['source']}"
@@ -29,6 +28,7 @@ def raw_task(task):
 
 
 CORPUS_DIR = "data/processed/corpus"
+CONDA_ENV = "../../envs/biovfm.yaml"  # for sites that deploy with conda (snakemake --sdm conda); relative to rules/
 MLFLOW_INIT = "results/mlflow_init.json"
 
 CODE_PRETRAIN = cfg.code_version("models", "methods", "train", "data/store.py", "config.py")
@@ -36,7 +36,7 @@ CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "config.p
 
 
 wildcard_constraints:
-    method="|".join(GRID["methods"]),
+    method="|".join(cfg.grid_values(config, "methods")),
     model="|".join(config["models"]),
     modality="|".join(config["modalities"]),
     n=r"\d+",
@@ -50,7 +50,8 @@ def run_dirs():
 def eval_outputs():
     outs = [f"{d}/eval.json" for d in run_dirs()]
     if config["evaluate"]["random_init"]:
-        outs += [f"results/baselines/{cfg.random_init_id(m, s)}/eval.json" for m in GRID["models"] for s in GRID["seeds"]]
+        outs += [f"results/baselines/{cfg.random_init_id(m, s)}/eval.json" for m in cfg.grid_values(config, "models")
+                 for s in cfg.grid_values(config, "seeds")]
     if config["evaluate"]["raw_pixels"]:
         outs.append(f"results/baselines/{cfg.RAW_PIXELS_ID}/eval.json")
     return outs
@@ -74,10 +75,27 @@ def eval_job(w, kind):
 
 
 AGGREGATE_OUTPUTS = [
-    "results/summary.csv",
+    "results/report.html",
     "results/summary.json",
-    "results/figures/mean_auc_vs_params.png",
-    "results/figures/task_grid.png",
-    "results/figures/auc_vs_data_size.png",
     "results/figures/task_examples.png",
 ]
+
+
+def on_slurm():
+    """In the SLURM executor or its job step (where sbatch/srun are built). Only there do pretraining jobs ask for the
+    GPUs of params' cluster.pretrain: a local run keeps `gpu` out of its scheduling unless asked
+    (--set-resources pretrain:gpu=1, with the local profile's `resources: gpu=1`)."""
+    plugin = workflow.executor_plugin
+    return plugin is not None and plugin.name in ("slurm", "slurm-jobstep")
+
+
+def pretrain_cluster(key, gpu_only=False):
+    """One resource of a pretraining job from params' cluster section, by model size (None: not set)."""
+
+    def get(wildcards):
+        res = cfg.cluster_resources(config, "pretrain", wildcards.model)
+        if gpu_only and not (on_slurm() and res["gpu"]):
+            return None
+        return res[key]
+
+    return get

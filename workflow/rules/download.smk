@@ -5,6 +5,8 @@ from biovfm.data.medmnist import TASKS as MEDMNIST_FLAGS, size_suffix
 if SOURCE == "synthetic":
 
     rule download:
+        conda:
+            CONDA_ENV
         output:
             tasks=expand(f"{RAW}/{{task}}.npz", task=TASKS),
             corpus=f"{RAW}/corpus.npz",
@@ -18,6 +20,8 @@ if SOURCE == "synthetic":
                 sort_keys=True,
             ),
             out=subpath(output.manifest, parent=True),
+        resources:
+            **cfg.cluster_resources(config, "download"),  # SLURM only: partition, account, mem_mb, runtime
         log:
             "results/logs/download.log",
         message:
@@ -31,10 +35,12 @@ else:
         download,  # on a cluster, fetch on the submit host: compute nodes often have no internet
 
     rule download:
+        conda:
+            CONDA_ENV
         # One job per file: Snakemake deletes the outputs of a failed job, so one bad file never costs the
         # verified ones, and the <file>.part (not an output) survives for the next run to resume from.
-        # The mirror and retry settings reach the command through {config[...]}, not params: a changed param
-        # reruns a job (deleting its output first), and a new mirror must not re-download verified files.
+        # The mirror and retry settings reach the command as resources, not params: a changed param reruns a job
+        # (deleting its output first), and a new mirror must not re-download verified files.
         # Only the MD5 decides the content, so it is the one param. Cap parallel downloads: --resources network=2
         output:
             f"{RAW}/{{task}}{size_suffix(MEDMNIST_SIZE)}.npz",
@@ -46,12 +52,16 @@ else:
             out=subpath(output[0], parent=True),
         resources:
             network=1,
+            mirror=config["data"]["medmnist"]["base_url"],
+            retries=config["data"]["medmnist"]["retries"],
+            timeout=str(config["data"]["medmnist"]["timeout"]),
+            backoff=str(config["data"]["medmnist"]["backoff"]),
         log:
             "results/logs/download/{task}.log",
         message:
             "Downloading MedMNIST+ {wildcards.task} at {params.size}px (resumable, MD5-checked)"
         shell:
             "biovfm download-medmnist --flags {wildcards.task:q} --size {params.size} --md5 {params.md5:q} "
-            "--base-url {config[data][medmnist][base_url]:q} --retries {config[data][medmnist][retries]} "
-            "--timeout {config[data][medmnist][timeout]} --backoff {config[data][medmnist][backoff]} "
+            "--base-url {resources.mirror:q} --retries {resources.retries} --timeout {resources.timeout} "
+            "--backoff {resources.backoff} "
             "--out {params.out:q} 2>&1 | tee {log:q}"

@@ -2,6 +2,8 @@ from biovfm.data import sources as corpus_sources
 
 
 rule preprocess_task:
+    conda:
+        CONDA_ENV
     # One job per evaluation task (MedMNIST flag or custom task): validated, then resized to the study's size.
     input:
         lambda w: raw_task(w.task),
@@ -12,6 +14,8 @@ rule preprocess_task:
     params:
         size=SIZE,
         info=lambda w: json.dumps(dataclasses.asdict(CUSTOM_TASKS[w.task])) if w.task in CUSTOM_TASKS else "",  # "": a flag
+    resources:
+        **cfg.cluster_resources(config, "preprocess_task"),  # SLURM only: partition, account, mem_mb, runtime
     log:
         "results/logs/preprocess/{task}.log",
     message:
@@ -29,6 +33,8 @@ CORPUS_INPUTS = [
 
 
 rule preprocess_corpus:
+    conda:
+        CONDA_ENV
     # Streams every source into shards; fails on leakage or on too many unreadable files (then the report is
     # left at data/processed/corpus.failed-report.json). Changes inside a user's folder are not tracked:
     # snakemake --forcerun preprocess_corpus after adding files.
@@ -48,6 +54,8 @@ rule preprocess_corpus:
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
     threads: config["corpus"]["threads"]
+    resources:
+        **cfg.cluster_resources(config, "preprocess_corpus"),  # SLURM only: partition, account, mem_mb, runtime
     log:
         "results/logs/preprocess_corpus.log",
     message:
@@ -60,8 +68,12 @@ rule preprocess_corpus:
 
 
 rule task_examples:
+    conda:
+        CONDA_ENV
     input:
         TASK_FILES,
+    resources:
+        **cfg.cluster_resources(config, "task_examples"),  # SLURM only: partition, account, mem_mb, runtime
     output:
         report("results/figures/task_examples.png", caption="../report/task_examples.rst", category="Data"),
     log:

@@ -3,6 +3,8 @@ localrules:
 
 
 rule mlflow_init:
+    conda:
+        CONDA_ENV
     # Serial, once, before any job that logs: concurrent first creation of a SQLite store races.
     output:
         MLFLOW_INIT,
@@ -16,6 +18,8 @@ rule mlflow_init:
 
 
 rule pretrain:
+    conda:
+        CONDA_ENV
     input:
         images=f"{CORPUS_DIR}/shards.json",  # the sharded store's manifest
         index=f"{CORPUS_DIR}/index.csv",
@@ -29,8 +33,17 @@ rule pretrain:
         corpus=subpath(input.images, parent=True),
     threads: lambda w: max(cfg.train_settings(config, w.method).threads, cfg.train_settings(config, w.method).nproc)
     resources:
-        # processes of this job (torchrun + DDP when > 1; 0 = one per GPU the job was given)
+        # processes of this job (torchrun + DDP when > 1; 0 = one per visible GPU). In a SLURM job that got GPUs,
+        # `biovfm pretrain` runs one process per GPU of the job whatever this says.
         nproc=lambda w: cfg.train_settings(config, w.method).nproc,
+        # SLURM only (params' cluster section, by model size): partition, account, memory, time, GPUs
+        slurm_partition=pretrain_cluster("slurm_partition"),
+        slurm_account=pretrain_cluster("slurm_account"),
+        mem_mb=pretrain_cluster("mem_mb"),
+        runtime=pretrain_cluster("runtime"),
+        gpu=pretrain_cluster("gpu", gpu_only=True),
+        gpu_model=pretrain_cluster("gpu_model", gpu_only=True),
+        cpus_per_gpu=pretrain_cluster("cpus_per_gpu", gpu_only=True),
     log:
         "results/logs/pretrain/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:

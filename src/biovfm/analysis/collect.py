@@ -1,17 +1,29 @@
-"""Aggregate stage: the tidy summary table, read from the MLflow runs that this DAG's outputs name."""
+"""Aggregate stage: tables, fits, figures and the report, from the MLflow runs that this DAG's outputs name.
+
+Reads each evaluation's ``eval.json`` (for its MLflow run) and ``scores.npz`` (test scores, for the
+bootstrap); everything else is derived here. Evaluations that are missing (a failed job, a partial
+run) are listed in the report instead of stopping the analysis.
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from biovfm import tracking
+from biovfm.analysis import scaling
+from biovfm.analysis.bootstrap import N_BOOT, metric_replicates
+from biovfm.analysis.fits import MEAN_TASK
+from biovfm.evaluate.scores import read_scores, scores_path
 from biovfm.io import read_json, write_json, write_text
 
 SUMMARY_COLUMNS = ["run_id", "kind", "method", "model", "modality", "data_size", "seed", "task", "auc", "acc",
-                   "params_encoder", "params_paper", "flops_per_image", "images_seen", "train_steps", "mlflow_run_id"]
+                   "params_encoder", "params_paper", "flops_per_image", "train_flops", "images_seen", "train_steps",
+                   "mlflow_run_id"]
+FACTORS = ("n_samples", "dbi", "n_classes", "gzip_median", "pixel_entropy", "imbalance")
 
 
 def summary_from_runs(runs: list[dict[str, Any]]) -> pd.DataFrame:
@@ -32,46 +44,158 @@ def summary_from_runs(runs: list[dict[str, Any]]) -> pd.DataFrame:
                 "data_size": int(float(tags.get("data_size", 0))), "seed": int(float(tags.get("seed", 0))),
                 "task": task, "auc": auc, "acc": m[f"acc.{task}"],
                 "params_encoder": int(m.get("params_encoder", 0)), "params_paper": int(m.get("params_paper", 0)),
-                "flops_per_image": m.get("flops_per_image", 0.0), "images_seen": int(m.get("images_seen", 0)),
-                "train_steps": int(m.get("train_steps", 0)), "mlflow_run_id": r["run_id"],
+                "flops_per_image": m.get("flops_per_image", 0.0), "train_flops": m.get("train_flops", 0.0),
+                "images_seen": int(m.get("images_seen", 0)), "train_steps": int(m.get("train_steps", 0)),
+                "mlflow_run_id": r["run_id"],
             })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS).sort_values(["kind", "method", "model", "data_size", "seed", "task"], ignore_index=True)
 
 
-def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path) -> dict[str, Any]:
-    from biovfm.analysis import figures, fits
+def bootstrap_replicates(evals: list[tuple[Path, dict]], task_types: dict[str, str], n_boot: int = N_BOOT
+                         ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], list[str]]:
+    """AUC/ACC replicates per (MLflow run, task) from each evaluation's scores.npz, task by task so that
+    every model of a task shares its resamples. Returns the replicates and notes on what was missing."""
+    by_task: dict[str, dict[str, np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    notes = []
+    for path, ev in evals:
+        sp = scores_path(path)
+        if not sp.exists():
+            notes.append(f"{sp} missing: no intervals for {ev['run_id']}")
+            continue
+        for task, (s, y) in read_scores(path, list(ev["tasks"])).items():
+            by_task.setdefault(task, {})[ev["mlflow_run_id"]] = s
+            if task in labels and not np.array_equal(labels[task], y):
+                raise ValueError(f"{sp}: test labels of {task} differ from another evaluation's; "
+                                 "the bootstrap pairs models on one test set (rerun the evaluations)")
+            labels[task] = y
+    reps = {}
+    for task, scores in by_task.items():
+        t0 = time.perf_counter()
+        for run, (a, c) in metric_replicates(labels[task], scores, task_types[task], key=task, n_boot=n_boot).items():
+            reps[(run, task)] = (a, c)
+        print(f"[aggregate] bootstrap {task}: {len(scores)} models x {n_boot} resamples of {len(labels[task])} "
+              f"test images in {time.perf_counter() - t0:.1f}s", flush=True)
+    return reps, notes
+
+
+def _task_types(evals: list[tuple[Path, dict]]) -> dict[str, str]:
+    from biovfm.data.medmnist import TASKS
+
+    types = {t: info.task for t, info in TASKS.items()}
+    for _, ev in evals:  # custom tasks carry their type in eval.json
+        for task, r in ev["tasks"].items():
+            if "task_type" in r:
+                types[task] = r["task_type"]
+    return types
+
+
+def analyse(summary: pd.DataFrame, reps: dict, stats: pd.DataFrame, study: dict, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """Every analysis table from the summary, the bootstrap replicates and the task characteristics (pure)."""
+    from biovfm.analysis import paper
+    from biovfm.analysis.taskstats import factor_correlations
+
+    points = scaling.build_points(summary, reps, n_boot)
+    fits = scaling.fit_table(points)
+    slopes, slope_reps = scaling.task_slopes(fits, points)
+    corr = pd.DataFrame()
+    if len(stats) and len(slopes):
+        corr = factor_correlations(slopes[["task", "method", "slope"]], stats)
+        corr = corr.merge(scaling.correlation_intervals(slopes, slope_reps, stats, FACTORS), on=["method", "factor"], how="left")
+    comparable, why = paper.comparable(study.get("source", ""), int(study.get("image_size", 0)))
+    return {"points": points, "fits": fits, "task_slopes": slopes, "correlations": corr, "task_stats": stats,
+            "data_comparison": scaling.data_comparison(points, study.get("modalities", {})),
+            "compute_frontier": scaling.compute_frontier(points), "recommendations": scaling.recommend(points),
+            "paper_comparison": paper.paper_comparison(_main_points(points)) if comparable else pd.DataFrame(),
+            "paper_note": why}
+
+
+def _main_points(points: scaling.Points) -> pd.DataFrame:
+    """Pretrained points of each method's main series (one row per model and task): what the paper reports."""
+    main = scaling.main_series(points)
+    return points.table.merge(main.assign(kind="pretrained"), on=["kind", "method", "modality", "data_size"])
+
+
+def draw(t: dict[str, Any], fig_dir: Path) -> dict[str, Path]:
+    """Every figure (PNG + SVG) of the analysis tables; returns the PNG paths by figure name."""
+    from biovfm.analysis import figures
+
+    points, fits = t["points"], t["fits"]
+    made = {
+        "mean_auc_vs_params": figures.plot_mean_auc_vs_params(points, fits, fig_dir / "mean_auc_vs_params.png"),
+        "task_grid": figures.plot_task_grid(points, fits, fig_dir / "task_grid.png"),
+        "task_slopes": figures.plot_task_slopes(t["task_slopes"], fig_dir / "task_slopes.png"),
+        "data_comparison": figures.plot_data_comparison(t["data_comparison"], fig_dir / "data_comparison.png"),
+        "auc_vs_data_size": figures.plot_auc_vs_data_size(points, fig_dir / "auc_vs_data_size.png"),
+        "factor_correlations": figures.plot_factor_correlations(t["correlations"], t["task_slopes"], t["task_stats"],
+                                                                fig_dir / "factor_correlations.png"),
+        "compute_frontier": figures.plot_compute_frontier(t["compute_frontier"], t["recommendations"],
+                                                          fig_dir / "compute_frontier.png"),
+        "extrapolation": figures.plot_extrapolation(fits, fig_dir / "extrapolation.png"),
+    }
+    return {k: v[0] for k, v in made.items()}
+
+
+TABLES = ("task_slopes", "correlations", "data_comparison", "compute_frontier", "recommendations", "paper_comparison")
+
+
+def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study: dict | None = None,
+              task_stats: str | Path | None = None, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The aggregate stage: read, analyse, draw, report. ``study`` holds params' data.source,
+    data.image_size and modalities; eval.json files that do not exist are reported as missing."""
+    from biovfm.analysis import report
 
     t0 = time.perf_counter()
+    study = study or {}
     out = Path(out_dir)
-    evals = [read_json(p) for p in eval_jsons]
-    runs = tracking.fetch_runs(uri, [e["mlflow_run_id"] for e in evals])
+    present = [Path(p) for p in eval_jsons if Path(p).exists()]
+    missing = [str(p) for p in eval_jsons if not Path(p).exists()]
+    if not present:
+        raise FileNotFoundError(f"no evaluation results among {len(eval_jsons)} expected eval.json files; "
+                                "run the evaluate jobs first (snakemake --cores all)")
+    evals = [(p, read_json(p)) for p in present]
+    runs = tracking.fetch_eval_runs(uri, [e for _, e in evals])
     summary = summary_from_runs(runs)
     write_text(out / "summary.csv", summary.to_csv(index=False))
-    means = fits.mean_auc_table(summary)
-    write_text(out / "mean_auc.csv", means.to_csv(index=False))
-    slopes = fits.model_size_slopes(summary)
-    write_text(out / "slopes.csv", slopes.to_csv(index=False))
-    data_slopes = fits.data_size_slopes(summary)
-    write_text(out / "data_slopes.csv", data_slopes.to_csv(index=False))
-    fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    figures.plot_mean_auc_vs_params(summary, fig_dir / "mean_auc_vs_params.png")
-    figures.plot_task_grid(summary, fig_dir / "task_grid.png")
-    figures.plot_auc_vs_data_size(summary, fig_dir / "auc_vs_data_size.png")
-    headline = headline_numbers(means, slopes)
-    headline["aggregate_seconds"] = round(time.perf_counter() - t0, 2)
+    reps, notes = bootstrap_replicates(evals, _task_types(evals), n_boot)
+    stats = pd.read_csv(task_stats) if task_stats else pd.DataFrame({"task": []})
+    t = analyse(summary, reps, stats, study, n_boot)
+    write_text(out / "tables" / "points.csv", t["points"].table.to_csv(index=False))
+    for name in TABLES:
+        write_text(out / "tables" / f"{name}.csv", t[name].to_csv(index=False))
+    write_text(out / "fits.csv", t["fits"].to_csv(index=False))
+    figs = draw(t, out / "figures")
+    headline = headline_numbers(t["points"], t["fits"], t["recommendations"])
+    headline["missing_evaluations"] = missing
+    report.write_report(out / "report.html", headline=headline, tables=t, figures=figs, missing=missing, notes=notes,
+                        study=study)
     write_json(out / "summary.json", headline)
-    print(f"[aggregate] {len(runs)} evaluation runs, {len(summary)} rows -> {out / 'summary.csv'}", flush=True)
+    print(f"[aggregate] {len(runs)} evaluation runs ({len(missing)} missing), {len(summary)} rows, "
+          f"{len(t['fits'])} fits in {time.perf_counter() - t0:.1f}s -> {out / 'report.html'}", flush=True)
     return headline
 
 
-def headline_numbers(means: pd.DataFrame, slopes: pd.DataFrame) -> dict[str, Any]:
-    """The DVC metric: mean AUC per evaluated model and the mean-AUC slope per series."""
-    mean_col = "mean_auc"
-    by_run = {str(r["run_id"]): round(float(r[mean_col]), 5) for _, r in means.iterrows()}
-    mean_slopes = slopes[slopes["task"] == "mean"]
-    slope_rows = {}
-    for _, r in mean_slopes.iterrows():
+def _r(v: Any, nd: int = 5) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), nd)
+
+
+def headline_numbers(points: scaling.Points, fits: pd.DataFrame, recs: pd.DataFrame) -> dict[str, Any]:
+    """The DVC metric: mean AUC (with interval) per evaluated model, and per method the mean-AUC slope vs
+    parameters with its interval, the selected law and whether the law predicted the largest model."""
+    tab = points.table[points.table["task"] == MEAN_TASK]
+    mean_auc = {}
+    for _, r in tab.iterrows():
+        name = "/".join(str(v) for v in (r["kind"], r["method"], r["model"] or "-", r["modality"] or "-", f"n{int(r['data_size'])}"))
+        mean_auc[name] = {"auc": _r(r["auc"]), "lo": _r(r["auc_lo"]), "hi": _r(r["auc_hi"])}
+    slopes = {}
+    sel = fits[(fits["axis"] == "params") & (fits["task"] == MEAN_TASK)]
+    for _, r in sel[sel["form"] == "loglog"].iterrows():
         key = f"{r['kind']}/{r['method']}/{r['modality'] or '-'}/n{int(r['data_size'])}"
-        slope_rows[key] = None if pd.isna(r["slope"]) else round(float(r["slope"]), 5)
-    return {"mean_auc": by_run, "slope_mean_auc_vs_params": slope_rows, "n_models": len(by_run)}
+        chosen = sel[(sel["kind"] == r["kind"]) & (sel["method"] == r["method"]) & (sel["modality"] == r["modality"])
+                     & (sel["data_size"] == r["data_size"]) & (sel["selected"] == True)]  # noqa: E712
+        slopes[key] = {"slope": _r(r["slope"]), "lo": _r(r.get("slope_lo")), "hi": _r(r.get("slope_hi")),
+                       "selected_form": chosen["form"].iloc[0] if len(chosen) else None,
+                       "extrapolation_holds": None if pd.isna(r.get("extrap_holds")) else bool(r["extrap_holds"])}
+    return {"n_models": int(len(tab)), "mean_auc": mean_auc, "slope_mean_auc_vs_params": slopes,
+            "recommendations": [{k: (v if not isinstance(v, float) else _r(v, 6)) for k, v in row.items()}
+                                for row in recs.dropna(subset=["budget"]).to_dict("records")] if "budget" in recs else []}

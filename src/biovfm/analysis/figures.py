@@ -1,6 +1,7 @@
-"""Paper-style scaling figures from the tidy summary table (reads tables only, never checkpoints).
+"""Paper-style scaling figures (A-F), the compute view and the extrapolation check, drawn from the
+analysis tables (points with bootstrap intervals, fits); they read tables only, never checkpoints.
 
-Every function takes the summary table and an output ``.png`` path, writes the PNG (150 dpi) and an
+Every function takes its tables and an output ``.png`` path, writes the PNG (150 dpi) and an
 SVG with the same stem, each atomically (temp file in the same folder, then ``os.replace``), and
 returns ``(png_path, svg_path)``. Figures are built on ``matplotlib.figure.Figure`` with an explicit
 Agg canvas: no pyplot global state, no display, safe inside Snakemake jobs.
@@ -8,7 +9,7 @@ Agg canvas: no pyplot global state, no display, safe inside Snakemake jobs.
 Encodings shared by the figures: AUC on the 0-100 scale (as the paper and the fits); one colour per
 method; the largest pretraining set drawn bold with its dashed power-law fit, smaller sets thinner
 and faded; random-init encoders grey; the raw-pixel probe a dashed horizontal line; error bars are
-the std over seeds where several seeds exist. A series with a single point is drawn without a fit
+95% bootstrap intervals over the test set (and seeds, where several exist). A series with a single point is drawn without a fit
 and its legend entry says why.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-from biovfm.analysis.fits import AUC_SCALE, loglog_fit, mean_auc_table, task_auc_table, task_order
+from biovfm.analysis import laws
+from biovfm.analysis.fits import AUC_SCALE, MEAN_TASK, loglog_fit, task_order
 from biovfm.io import atomic_path
 
 DPI = 150
@@ -126,15 +128,55 @@ def _check_nonempty(summary: pd.DataFrame) -> None:
         raise ValueError("summary table is empty: nothing to plot")
 
 
-# ----------------------------------------------------------------------------- AUC vs model size
-def _size_panel(ax, tab: pd.DataFrame, ycol: str, methods: list[str], legend_size: float,
-                tick_names: bool, legend_outside: bool) -> None:
-    """Draw one AUC-vs-encoder-size panel from a seed-averaged table (mean table or one task's rows).
+# ----------------------------------------------------------------------------- tables -> series
+def _err(t: pd.DataFrame) -> np.ndarray | None:
+    """Asymmetric error bars (2 x n, 0-100 scale) from the bootstrap interval; None when no interval exists."""
+    if "auc_lo" not in t or not np.isfinite(t["auc_lo"].to_numpy(float)).any():
+        return None
+    y = t["auc"].to_numpy(float)
+    lo = np.nan_to_num(y - t["auc_lo"].to_numpy(float)).clip(0)
+    hi = np.nan_to_num(t["auc_hi"].to_numpy(float) - y).clip(0)
+    return AUC_SCALE * np.vstack([lo, hi])
 
-    ``tab`` has kind, method, modality, data_size, model, params_encoder, ``ycol`` and ``ycol_std``.
-    """
-    std = f"{ycol}_std"
+
+def _fit_for(fits: pd.DataFrame, axis: str, form: str, **desc) -> dict | None:
+    sel = fits[(fits["axis"] == axis) & (fits["form"] == form)]
+    for k, v in desc.items():
+        sel = sel[sel[k] == v]
+    return None if sel.empty else sel.iloc[0].to_dict()
+
+
+def _slope_label(f: dict | None) -> str:
+    if f is None or not np.isfinite(f.get("slope", np.nan)):
+        return "no fit" + (f" ({str(f['note']).split(';')[0]})" if f is not None and isinstance(f.get("note"), str) else "")
+    ci = f" [{f['slope_lo']:.4f}, {f['slope_hi']:.4f}]" if np.isfinite(f.get("slope_lo", np.nan)) else ""
+    return f"slope {f['slope']:.4f}{ci}"
+
+
+def _draw_laws(ax, fits: pd.DataFrame, x: np.ndarray, color: str, **desc) -> bool:
+    """The paper's log-log fit (dashed) and, when selected by held-out error, the saturating law (dotted)."""
+    xf = np.geomspace(x.min(), x.max(), 60)
+    drew = False
+    f = _fit_for(fits, "params", laws.LOGLOG, **desc)
+    if f is not None and np.isfinite(f.get("slope", np.nan)):
+        ax.plot(xf / 1e6, AUC_SCALE * laws.loglog_predict(f, xf), ls="--", lw=1.2, color=color, zorder=2)
+        drew = True
+    s = _fit_for(fits, "params", laws.SATURATING, **desc)
+    if s is not None and s.get("selected") is True and np.isfinite(s.get("a", np.nan)):
+        ax.plot(xf / 1e6, AUC_SCALE * laws.saturating_predict(s, xf), ls=":", lw=1.4, color=color, zorder=2)
+        drew = True
+    return drew
+
+
+# ----------------------------------------------------------------------------- AUC vs model size (A, B)
+def _size_panel(ax, tab: pd.DataFrame, fits: pd.DataFrame, task: str, methods: list[str], legend_size: float,
+                tick_names: bool, legend_outside: bool) -> None:
+    """One AUC-vs-encoder-size panel for ``task`` from the points table (bootstrap error bars)."""
+    tab = tab[tab["task"] == task]
     pre = tab[(tab["kind"] == "pretrained") & (tab["params_encoder"] > 0)]
+    sizes_per = pre.groupby(["method", "modality"])["params_encoder"].transform("nunique")
+    if (sizes_per > 1).any():
+        pre = pre[sizes_per > 1]  # a corpus seen by one model size only (e.g. grid.extra) belongs to Figure E
     multi_mod = pre["modality"].nunique() > 1
     xs_all: list[float] = []
     drew_fit = False
@@ -145,37 +187,29 @@ def _size_panel(ax, tab: pd.DataFrame, ycol: str, methods: list[str], legend_siz
         for ds in sizes:
             s = g[g["data_size"] == ds].sort_values("params_encoder")
             main = ds == sizes[-1]
-            x, y = s["params_encoder"].to_numpy(float), AUC_SCALE * s[ycol].to_numpy(float)
-            fit = loglog_fit(x, y)
+            x, y = s["params_encoder"].to_numpy(float), AUC_SCALE * s["auc"].to_numpy(float)
+            desc = dict(kind="pretrained", method=method, modality=modality, data_size=ds, task=task)
             mod = f" {modality}" if multi_mod else ""
-            label = f"{_method_label(method)}{mod} (n={_fmt_count(ds)}), {_slope_text(fit)}"
-            ax.errorbar(x / 1e6, y, yerr=_yerr(s[std]), color=color, marker="o" if main else ".",
+            label = f"{_method_label(method)}{mod} (n={_fmt_count(ds)}), {_slope_label(_fit_for(fits, 'params', laws.LOGLOG, **desc))}"
+            ax.errorbar(x / 1e6, y, yerr=_err(s), color=color, marker="o" if main else ".",
                         ms=6 if main else 4, lw=2.0 if main else 1.0, alpha=1.0 if main else 0.45,
                         capsize=2, label=label, zorder=3 if main else 2)
-            if main and np.isfinite(fit["slope"]):
-                xf = np.geomspace(x.min(), x.max(), 50)
-                ax.plot(xf / 1e6, np.exp(fit["intercept"]) * xf ** fit["slope"], ls="--", lw=1.2,
-                        color=color, zorder=2)
-                drew_fit = True
+            if main and len(x) > 1:
+                drew_fit |= _draw_laws(ax, fits, x, color, **desc)
             xs_all += list(x)
             names.update(zip(x, s["model"]))
     rnd = tab[(tab["kind"] == "random_init") & (tab["params_encoder"] > 0)]
-    for _, g in rnd.groupby(["method", "modality", "data_size"], sort=True):
+    for (method, modality, ds), g in rnd.groupby(["method", "modality", "data_size"], sort=True):
         s = g.sort_values("params_encoder")
-        x, y = s["params_encoder"].to_numpy(float), AUC_SCALE * s[ycol].to_numpy(float)
-        fit = loglog_fit(x, y)
-        ax.errorbar(x / 1e6, y, yerr=_yerr(s[std]), color=RANDOM_COLOR, marker="s", ms=5, lw=1.5,
-                    capsize=2, label=f"Random init, {_slope_text(fit)}", zorder=2)
-        if np.isfinite(fit["slope"]):
-            xf = np.geomspace(x.min(), x.max(), 50)
-            ax.plot(xf / 1e6, np.exp(fit["intercept"]) * xf ** fit["slope"], ls="--", lw=1.0,
-                    color=RANDOM_COLOR, zorder=1)
-            drew_fit = True
+        x, y = s["params_encoder"].to_numpy(float), AUC_SCALE * s["auc"].to_numpy(float)
+        desc = dict(kind="random_init", method=method, modality=modality, data_size=ds, task=task)
+        ax.errorbar(x / 1e6, y, yerr=_err(s), color=RANDOM_COLOR, marker="s", ms=5, lw=1.5, capsize=2,
+                    label=f"Random init, {_slope_label(_fit_for(fits, 'params', laws.LOGLOG, **desc))}", zorder=2)
         xs_all += list(x)
         names.update((k, v) for k, v in zip(x, s["model"]) if k not in names)
     raw = tab[tab["kind"] == "raw_pixels"]
     if len(raw):
-        yr = AUC_SCALE * float(raw[ycol].mean())
+        yr = AUC_SCALE * float(raw["auc"].mean())
         ax.axhline(yr, ls=RAW_DASHES, lw=1.2, color=RAW_COLOR, label=f"Raw-pixel probe ({yr:.2f})", zorder=1)
     if not (len(pre) or len(rnd) or len(raw)):
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
@@ -187,67 +221,137 @@ def _size_panel(ax, tab: pd.DataFrame, ycol: str, methods: list[str], legend_siz
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticklabels([f"{t / 1e6:.3g}" + (f"\n{names[t]}" if tick_names and names.get(t) else "")
                             for t in ticks])
-        lo, hi = min(ticks) / 1e6, max(ticks) / 1e6
-        ax.set_xlim(lo / 1.3, hi * 1.3)
+        ax.set_xlim(min(ticks) / 1e6 / 1.3, max(ticks) / 1e6 * 1.3)
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = _legend_entries(ax)
     if drew_fit:
-        handles.append(Line2D([], [], color="k", ls="--", lw=1.0))
-        labels.append("power-law fit")
+        handles += [Line2D([], [], color="k", ls="--", lw=1.0), Line2D([], [], color="k", ls=":", lw=1.4)]
+        labels += ["log-log power law (paper)", "saturating law (where selected)"]
     if handles:
         kw = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0)) if legend_outside else dict(loc="best")
         ax.legend(handles, labels, fontsize=legend_size, framealpha=0.85, **kw)
 
 
-def plot_mean_auc_vs_params(summary: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
-    """Paper Figure A: mean test AUC over tasks vs encoder parameters, with power-law fits and baselines."""
-    _check_nonempty(summary)
-    tab = mean_auc_table(summary)
-    methods = sorted(tab.loc[tab["kind"] == "pretrained", "method"].unique())
-    n_tasks = int(tab["n_tasks"].max())
+def _methods(points: pd.DataFrame) -> list[str]:
+    return sorted(points.loc[points["kind"] == "pretrained", "method"].unique())
+
+
+def _check_points(points) -> pd.DataFrame:
+    tab = getattr(points, "table", points)
+    if len(tab) == 0:
+        raise ValueError("points table is empty: nothing to plot")
+    return tab
+
+
+def plot_mean_auc_vs_params(points, fits: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Figure A: mean test AUC over tasks vs encoder parameters, power-law fits (slope with 95% CI) and baselines."""
+    tab = _check_points(points)
+    n_tasks = tab.loc[tab["task"] != MEAN_TASK, "task"].nunique()
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure((9.5, 5.2))
+        fig = _new_figure((10.5, 5.4))
         ax = fig.add_subplot()
-        _size_panel(ax, tab, "mean_auc", methods, legend_size=8, tick_names=True, legend_outside=True)
+        _size_panel(ax, tab, fits, MEAN_TASK, _methods(tab), legend_size=8, tick_names=True, legend_outside=True)
         ax.set_xlabel("Encoder parameters (M)")
-        uneven = " (uneven task counts!)" if tab["n_tasks"].nunique() > 1 else ""
-        ax.set_ylabel(f"Mean test AUC ×100 ({n_tasks} tasks){uneven}")
+        ax.set_ylabel(f"Mean test AUC ×100 ({n_tasks} tasks), 95% bootstrap CI")
         ax.set_title(f"Linear-probe mean AUC vs encoder size (pretraining: {_steps_text(tab)})")
         return _save(fig, out_png)
 
 
-def plot_task_grid(summary: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
-    """Paper Figure B: one AUC-vs-encoder-size panel per task (benchmark order), slopes in each legend."""
-    _check_nonempty(summary)
-    tab = task_auc_table(summary)
-    methods = sorted(tab.loc[tab["kind"] == "pretrained", "method"].unique())
-    tasks = task_order(tab["task"])  # the study's tasks: MedMNIST ones in benchmark order, then custom ones
+def plot_task_grid(points, fits: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Figure B: one AUC-vs-encoder-size panel per task (benchmark order), slopes with CIs in each legend."""
+    tab = _check_points(points)
+    tasks = task_order(set(tab["task"]) - {MEAN_TASK})
     ncols = 4
-    nrows = int(np.ceil(len(tasks) / ncols))
+    nrows = max(1, int(np.ceil(len(tasks) / ncols)))
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure((4.3 * ncols, 3.5 * nrows))
+        fig = _new_figure((4.5 * ncols, 3.6 * nrows))
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, task in zip(axes, tasks):
-            _size_panel(ax, tab[tab["task"] == task], "auc", methods, legend_size=5.5, tick_names=False,
-                        legend_outside=False)
+            _size_panel(ax, tab, fits, task, _methods(tab), legend_size=5, tick_names=False, legend_outside=False)
             ax.set_ylabel(f"{TASK_LABELS.get(task, task)} AUC ×100")
             ax.tick_params(labelsize=8)
         for ax in axes[len(tasks):]:
             ax.set_visible(False)
         fig.supxlabel("Encoder parameters (M)")
-        fig.suptitle(f"Linear-probe test AUC per task vs encoder size (pretraining: {_steps_text(tab)})")
+        fig.suptitle(f"Linear-probe test AUC per task vs encoder size, 95% bootstrap CIs (pretraining: {_steps_text(tab)})")
         return _save(fig, out_png)
 
 
-# ----------------------------------------------------------------------------- AUC vs data size
-def plot_auc_vs_data_size(summary: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
-    """Mean AUC vs pretraining images: one line per (method, model), coloured by model size.
+# ----------------------------------------------------------------------------- per-task slopes (C, D)
+def plot_task_slopes(slopes: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Figures C/D: per-task log-log slopes vs parameters, sorted, one panel per method, 95% CIs."""
+    methods = sorted(slopes["method"].unique()) if len(slopes) else []
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((5.2 * max(1, len(methods)), 0.35 * max(6, slopes["task"].nunique() if len(slopes) else 6) + 1.2))
+        axes = fig.subplots(1, max(1, len(methods)), squeeze=False).ravel()
+        if not methods:
+            axes[0].text(0.5, 0.5, "no per-task slopes (needs >= 2 model sizes)", ha="center", va="center",
+                         transform=axes[0].transAxes, color="0.4")
+        cmap = matplotlib.colormaps["RdPu_r"]
+        for ax, method in zip(axes, methods):
+            g = slopes[slopes["method"] == method].sort_values("slope", ascending=True, na_position="first")
+            y = np.arange(len(g))
+            v = g["slope"].to_numpy(float)
+            lo = np.nan_to_num(v - g["slope_lo"].to_numpy(float))
+            hi = np.nan_to_num(g["slope_hi"].to_numpy(float) - v)
+            colors = [cmap(0.15 + 0.6 * i / max(len(g) - 1, 1)) for i in range(len(g))][::-1]
+            ax.barh(y, np.nan_to_num(v), xerr=np.vstack([lo, hi]), color=colors, edgecolor="0.3", lw=0.5,
+                    capsize=2, error_kw={"lw": 0.8})
+            ax.axvline(0, color="0.3", lw=0.8)
+            ax.set_yticks(y, [TASK_LABELS.get(t, t) for t in g["task"]])
+            r = g.iloc[0]
+            ax.set_title(f"{_method_label(method)} ({r['modality']}, n={_fmt_count(r['data_size'])})")
+            ax.set_xlabel("log-log slope of AUC vs parameters (95% CI)")
+            ax.grid(True, axis="x", alpha=0.3)
+        return _save(fig, out_png)
 
-    Random-init encoders of each size are dotted horizontal references in the size's colour, so the
-    gain from pretraining data reads directly off each line.
-    """
-    _check_nonempty(summary)
-    tab = mean_auc_table(summary)
+
+# ----------------------------------------------------------------------------- pretraining data (E)
+def plot_data_comparison(data_cmp: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Figure E: mean AUC per pretraining corpus (single modality, size-matched mix, full), per method and model."""
+    groups = list(data_cmp.groupby(["method", "model"], sort=True)) if len(data_cmp) else []
+    single = [g for g in groups if g[1]["corpus"].str.contains("single").any()]
+    if single:  # the paper's contrast: models that also saw a single-modality corpus
+        groups = single
+    elif groups:  # else the data-size contrast of each method's largest model
+        largest = data_cmp.groupby("method")["model"].last().to_dict()
+        groups = [g for g in groups if largest.get(g[0][0]) == g[0][1]]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((max(6.5, 3.2 * len(groups) + 1.0), 4.6))
+        axes = fig.subplots(1, max(1, len(groups)), squeeze=False).ravel()
+        if groups:
+            allg = pd.concat([g for _, g in groups])
+            lo = np.nanmin(AUC_SCALE * allg[["auc", "auc_lo"]].to_numpy(float))
+            hi = np.nanmax(AUC_SCALE * allg[["auc", "auc_hi"]].to_numpy(float))
+        if not groups:
+            axes[0].text(0.5, 0.5, "no (method, model) was pretrained on more than one corpus:\n"
+                         "add a single-modality corpus to grid.extra (see params.yaml)", ha="center", va="center",
+                         transform=axes[0].transAxes, color="0.4", fontsize=9)
+            axes[0].set_xticks([])
+        for ax, ((method, model), g) in zip(axes, groups):
+            y = AUC_SCALE * g["auc"].to_numpy(float)
+            err = _err(g)
+            colors = ["#71BFB2" if "single" in c else _method_color(method, [method]) for c in g["corpus"]]
+            alphas = np.linspace(0.55, 1.0, len(g))
+            bars = ax.bar(range(len(g)), y, yerr=err, color=colors, edgecolor="0.3", lw=0.6, capsize=3)
+            for b, a in zip(bars, alphas):
+                b.set_alpha(float(a))
+            for i, v in enumerate(y):
+                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(range(len(g)), [c.replace(" (", "\n(") for c in g["corpus"]], fontsize=7)
+            ax.set_title(f"{_method_label(method)} {model}")
+            ax.set_ylim(max(0.0, lo - 1.0), min(100.0, hi + 1.0))
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[0].set_ylabel("Mean test AUC ×100 (95% CI)")
+        fig.suptitle("Pretraining data: single modality vs size-matched mix vs full corpus", fontsize=10)
+        return _save(fig, out_png)
+
+
+def plot_auc_vs_data_size(points, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Mean AUC vs pretraining images: one line per (method, model, corpus), coloured by model size,
+    random-init encoders as dotted references in the size's colour."""
+    tab = _check_points(points)
+    tab = tab[tab["task"] == MEAN_TASK]
     pre = tab[(tab["kind"] == "pretrained") & (tab["data_size"] > 0)]
     rnd = tab[tab["kind"] == "random_init"]
     raw = tab[tab["kind"] == "raw_pixels"]
@@ -258,27 +362,24 @@ def plot_auc_vs_data_size(summary: pd.DataFrame, out_png: str | os.PathLike) -> 
     color = {m: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, m in enumerate(sizes)}
     multi_mod = pre["modality"].nunique() > 1
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure((9.5, 5.2))
+        fig = _new_figure((10.5, 5.4))
         ax = fig.add_subplot()
         xs: set[float] = set()
         for (method, modality, model), g in pre.groupby(["method", "modality", "model"], sort=False):
             s = g.sort_values("data_size")
-            x, y = s["data_size"].to_numpy(float), AUC_SCALE * s["mean_auc"].to_numpy(float)
+            x, y = s["data_size"].to_numpy(float), AUC_SCALE * s["auc"].to_numpy(float)
             fit = loglog_fit(x, y, x_name="data sizes")
             mod = f" {modality}" if multi_mod else ""
-            ax.errorbar(x, y, yerr=_yerr(s["mean_auc_std"]), color=color[model],
-                        marker=MARKERS[methods.index(method) % len(MARKERS)], ms=6, lw=1.8, capsize=2,
+            ax.errorbar(x, y, yerr=_err(s), color=color[model], marker=MARKERS[methods.index(method) % len(MARKERS)],
+                        ms=6, lw=1.8, capsize=2, ls="-" if len(x) > 1 else "none",
                         label=f"{_method_label(method)}{mod} {model}, {_slope_text(fit)}")
             xs.update(x)
         for _, r in rnd.iterrows():
-            yr = AUC_SCALE * r["mean_auc"]
-            ax.axhline(yr, ls=":", lw=1.4, color=color.get(r["model"], RANDOM_COLOR),
-                       label=f"Random init {r['model']} ({yr:.2f})")
+            yr = AUC_SCALE * r["auc"]
+            ax.axhline(yr, ls=":", lw=1.4, color=color.get(r["model"], RANDOM_COLOR), label=f"Random init {r['model']} ({yr:.2f})")
         if len(raw):
-            yr = AUC_SCALE * float(raw["mean_auc"].mean())
+            yr = AUC_SCALE * float(raw["auc"].mean())
             ax.axhline(yr, ls=RAW_DASHES, lw=1.2, color=RAW_COLOR, label=f"Raw-pixel probe ({yr:.2f})")
-        if not (len(pre) or len(rnd) or len(raw)):
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
         ax.set_xscale("log")
         if xs:
             ticks = sorted(xs)
@@ -289,12 +390,159 @@ def plot_auc_vs_data_size(summary: pd.DataFrame, out_png: str | os.PathLike) -> 
             ax.set_xlim(min(ticks) / 1.5, max(ticks) * 1.5)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_xlabel("Pretraining images (fixed number of steps)")
-        ax.set_ylabel(f"Mean test AUC ×100 ({int(tab['n_tasks'].max())} tasks)")
+        ax.set_ylabel("Mean test AUC ×100 (95% CI)")
         ax.set_title(f"Linear-probe mean AUC vs pretraining data ({_steps_text(tab)})")
         handles, labels = _legend_entries(ax)
         if handles:
-            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, framealpha=0.85)
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, framealpha=0.85)
         return _save(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- task factors (F)
+FACTOR_LABELS = {"n_samples": "# Samples", "dbi": "DBI (class overlap)", "n_classes": "# Classes",
+                 "gzip_median": "Compressibility", "pixel_entropy": "Pixel entropy", "imbalance": "Class imbalance",
+                 "modality": "Modality (η)", "label_type": "Label type (η)"}
+
+
+def plot_factor_correlations(corr: pd.DataFrame, slopes: pd.DataFrame, stats: pd.DataFrame,
+                             out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Figure F: correlation of per-task slope with task characteristics (Pearson r with 95% bootstrap CI;
+    correlation ratio η for the categorical factors), and the slopes by label type."""
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((12.5, 4.8))
+        ax, ax2 = fig.subplots(1, 2, width_ratios=[2.2, 1])
+        if corr is None or len(corr) == 0:
+            for a in (ax, ax2):
+                a.text(0.5, 0.5, "no correlations (needs per-task slopes and task statistics)", ha="center",
+                       va="center", transform=a.transAxes, color="0.4", fontsize=9)
+            return _save(fig, out_png)
+        methods = sorted(corr["method"].unique())
+        factors = [f for f in FACTOR_LABELS if f in set(corr["factor"])]
+        first = corr[corr["method"] == methods[0]].set_index("factor")
+        factors.sort(key=lambda f: -np.nan_to_num(first["r"].get(f, np.nan), nan=-9))
+        w = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            c = corr[corr["method"] == m].set_index("factor").reindex(factors)
+            r = c["r"].to_numpy(float)
+            lo = c["r_lo"].to_numpy(float) if "r_lo" in c else np.full_like(r, np.nan)
+            hi = c["r_hi"].to_numpy(float) if "r_hi" in c else np.full_like(r, np.nan)
+            err = np.vstack([np.nan_to_num(r - lo).clip(0), np.nan_to_num(hi - r).clip(0)])
+            xs = np.arange(len(factors)) + (i - (len(methods) - 1) / 2) * w
+            ax.bar(xs, np.nan_to_num(r), w, yerr=err, capsize=2, color=_method_color(m, methods),
+                   edgecolor="0.3", lw=0.5, label=_method_label(m))
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(factors)), [FACTOR_LABELS[f] for f in factors], rotation=20, ha="right")
+        n = slopes["task"].nunique()
+        ax.set_ylabel(f"r with per-task slope (n={n} tasks)")
+        ax.set_ylim(-1.05, 1.05)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_title("Task factors vs scaling slope (95% CI over test-set resamples)")
+        merged = slopes.merge(stats, on="task", how="left") if "label_type" in stats else slopes.assign(label_type="?")
+        types = sorted(merged["label_type"].dropna().unique())
+        for i, m in enumerate(methods):
+            g = merged[merged["method"] == m]
+            for j, t in enumerate(types):
+                v = g.loc[g["label_type"] == t, "slope"].to_numpy(float)
+                ax2.scatter(np.full(len(v), j + (i - (len(methods) - 1) / 2) * 0.2), v, color=_method_color(m, methods),
+                            s=22, edgecolor="0.2", lw=0.4, label=_method_label(m) if j == 0 else None)
+        ax2.set_xticks(range(len(types)), types, rotation=20, ha="right")
+        ax2.axhline(0, color="0.3", lw=0.8)
+        ax2.set_ylabel("per-task slope")
+        ax2.set_title("Slopes by label type")
+        ax2.grid(True, axis="y", alpha=0.3)
+        return _save(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- compute view and extrapolation
+def plot_compute_frontier(frontier: pd.DataFrame, recs: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Mean AUC vs total training FLOPs per method: every run (size = model, shade = data size), the
+    compute-efficient frontier, and the fitted law's recommendation for larger budgets."""
+    methods = sorted(frontier["method"].unique()) if len(frontier) else []
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((5.4 * max(1, len(methods)), 4.6))
+        axes = fig.subplots(1, max(1, len(methods)), squeeze=False, sharey=True).ravel()
+        if not methods:
+            axes[0].text(0.5, 0.5, "no pretrained runs with recorded training FLOPs", ha="center", va="center",
+                         transform=axes[0].transAxes, color="0.4")
+        for ax, m in zip(axes, methods):
+            g = frontier[frontier["method"] == m]
+            color = _method_color(m, methods)
+            ds = sorted(g["data_size"].unique())
+            for k, d in enumerate(ds):
+                s = g[g["data_size"] == d]
+                ax.errorbar(s["train_flops"], AUC_SCALE * s["auc"], yerr=_err(s), fmt="o", color=color,
+                            alpha=0.35 + 0.65 * (k + 1) / len(ds), ms=5, capsize=2, label=f"n={_fmt_count(d)}")
+            for _, r in g.iterrows():
+                ax.annotate(r["model"], (r["train_flops"], AUC_SCALE * r["auc"]), fontsize=7,
+                            xytext=(3, -9), textcoords="offset points", color="0.3")
+            f = g[g["frontier"]].sort_values("train_flops")
+            ax.step(f["train_flops"], AUC_SCALE * f["auc"], where="post", color="k", lw=1.2, label="frontier")
+            rr = recs[(recs["method"] == m) & recs["pred_auc"].notna()] if len(recs) and "pred_auc" in recs else pd.DataFrame()
+            if len(rr):
+                ax.plot(rr["train_flops"], AUC_SCALE * rr["pred_auc"], "x--", color=color, lw=1, ms=6,
+                        label="joint-law prediction")
+            ax.set_xscale("log")
+            ax.set_xlabel("Total pretraining FLOPs (measured)")
+            ax.set_title(_method_label(m))
+            ax.grid(True, which="major", alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("Mean test AUC ×100 (95% CI)")
+        return _save(fig, out_png)
+
+
+def plot_extrapolation(fits: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """The extrapolation check: each law fitted without the largest point predicts it (mean AUC; 95% CIs)."""
+    sel = fits[(fits["task"] == MEAN_TASK) & fits["pred_largest"].notna()] if "pred_largest" in fits else fits.iloc[:0]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((10.0, 0.42 * max(len(sel), 4) + 1.4))
+        ax = fig.add_subplot()
+        if sel.empty:
+            ax.text(0.5, 0.5, "no extrapolation check: every axis needs >= 3 distinct values\n"
+                    "(>= 4 for the saturating law)", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set_axis_off()
+            return _save(fig, out_png)
+        sel = sel.reset_index(drop=True)
+        y = np.arange(len(sel))[::-1]
+        for i, r in sel.iterrows():
+            yi = y[i]
+            ax.errorbar(AUC_SCALE * r["obs_largest"], yi + 0.12, xerr=_pair(r, "obs"), fmt="o", color="k", ms=5,
+                        capsize=2, label="observed" if i == 0 else None)
+            color = "#2b8cbe" if r["form"] == laws.LOGLOG else "#e34a33"
+            ax.errorbar(AUC_SCALE * r["pred_largest"], yi - 0.12, xerr=_pair(r, "pred"), fmt="s", color=color, ms=5,
+                        capsize=2, mfc="white" if r.get("extrap_holds") is False else color)
+        labels = [_series_label(r) + (" ✗" if r.get("extrap_holds") is False else "") for _, r in sel.iterrows()]
+        ax.set_yticks(y, labels, fontsize=7)
+        handles = [Line2D([], [], color="k", marker="o", ls="none", label="observed at the largest x"),
+                   Line2D([], [], color="#2b8cbe", marker="s", ls="none", label="log-log prediction"),
+                   Line2D([], [], color="#e34a33", marker="s", ls="none", label="saturating prediction"),
+                   Line2D([], [], color="0.3", marker="s", mfc="white", ls="none", label="✗ interval of the error excludes 0")]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        ax.set_xlabel("Mean test AUC ×100 at the largest point (95% CI)")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_title("Extrapolation check: fit without the largest point, predict it")
+        return _save(fig, out_png)
+
+
+def _series_label(r: pd.Series) -> str:
+    """'MAE all n=4.5k, params, loglog' or 'Random init, params, loglog': a fit's series in words."""
+    if r["kind"] == "random_init":
+        who = "Random init"
+    else:
+        corpus = [str(r["modality"] or "")]
+        if not pd.isna(r["data_size"]) and r["axis"] != "images":
+            corpus.append(f"n={_fmt_count(r['data_size'])}")
+        if r["axis"] == "images" and isinstance(r.get("model"), str):
+            corpus.append(r["model"])
+        who = f"{_method_label(r['method'])} " + " ".join(c for c in corpus if c)
+    return f"{who}, {r['axis']}, {r['form']}"
+
+
+def _pair(r: pd.Series, pre: str) -> np.ndarray | None:
+    lo, hi, v = r.get(f"{pre}_lo"), r.get(f"{pre}_hi"), r[f"{pre}_largest"]
+    if lo is None or pd.isna(lo):
+        return None
+    return AUC_SCALE * np.array([[max(v - lo, 0.0)], [max(hi - v, 0.0)]])
 
 
 def plot_task_examples(task_npzs: list[str | os.PathLike], out_png: str | os.PathLike, per_task: int = 10) -> tuple[Path, Path]:

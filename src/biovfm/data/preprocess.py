@@ -282,7 +282,8 @@ def log_corpus_report(report: dict, report_path: str | Path, uri: str, experimen
             metrics.update({f"source.{name}.{k}": s[k] for k in ("files", "read", "skipped", "bad", "blank",
                                                                   "duplicates", "leaked", "kept")})
         run.log_metrics(metrics)
-        run.client.log_artifact(run.run_id, str(report_path))
+        if run.run_id is not None:  # offline (server down): the Run already warned once; the report stays on disk
+            run.client.log_artifact(run.run_id, str(report_path))
         run.finish()
         return run.run_id
     except Exception as e:  # noqa: BLE001 - tracking must not fail a stage whose outputs are complete

@@ -14,6 +14,7 @@ from biovfm.config import EvalJob
 from biovfm.data.medmnist import SPLITS, load_npz
 from biovfm.evaluate.features import encoder_features, load_encoder, raw_pixel_features
 from biovfm.evaluate.probe import ProbeConfig, fit_probe
+from biovfm.evaluate.scores import write_scores
 from biovfm.io import read_json, write_json
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
 
@@ -44,6 +45,7 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
         encoder = encoder.to(default_device())
     probe_cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.probe.items()})
     results: dict[str, dict[str, Any]] = {}
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the aggregate stage bootstraps the test set from them
     for info in job.task_infos():  # MedMNIST tasks and the user's custom tasks alike
         flag = info.flag
         data = load_npz(task_path(tasks_dir, flag, job.image_size), info)
@@ -52,7 +54,8 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
                      else encoder_features(encoder, data[f"{s}_images"], job.batch_size)) for s in SPLITS}
         t_feat = time.perf_counter() - tf
         res = fit_probe(feats, {s: data[f"{s}_labels"] for s in SPLITS}, info, probe_cfg, seed=job.seed)
-        results[flag] = {"auc": res.auc, "acc": res.acc, "val_auc": res.val_auc, "val_loss": res.val_loss, "l2": res.l2,
+        scores[flag] = (res.test_scores, data["test_labels"])
+        results[flag] = {"task_type": info.task, "auc": res.auc, "acc": res.acc, "val_auc": res.val_auc, "val_loss": res.val_loss, "l2": res.l2,
                          "l2_at_edge": res.at_edge, "best_epoch": res.best_epoch, "feature_dim": int(feats["train"].shape[1]),
                          "feature_s": t_feat, "probe_s": time.perf_counter() - tf - t_feat}
         print(f"[evaluate] {job.run_id} {flag}: AUC {res.auc:.4f} ACC {res.acc:.4f} (l2 {res.l2:.0e}, epoch {res.best_epoch})", flush=True)
@@ -65,7 +68,11 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
                        tags={"stage": "evaluate", "grid_id": job.run_id, "kind": job.kind, "seed": str(job.seed),
                              "model": job.model.name if job.model else "",
                              **{k: str(v) for k, v in job.descriptors.items()}},
-                       params=asdict(job) | {"meta": {k: v for k, v in meta.items() if isinstance(v, str)}})
+                       params=asdict(job) | {"meta": {k: v for k, v in meta.items() if isinstance(v, str)}},
+                       key=tracking.job_key("evaluate", job.run_id, tracking.fingerprint(  # job config + checkpoint
+                           {k: v for k, v in asdict(job).items() if k not in ("tracking", "threads")}
+                           | {"checkpoint": read_json(Path(checkpoint).parent / "run.json")["fingerprint"] if checkpoint else ""})),
+                       record=tracking.record_path(out_json))  # replayable by `biovfm mlflow-import`
     metrics = {f"auc.{f}": r["auc"] for f, r in results.items()} | {f"acc.{f}": r["acc"] for f, r in results.items()}
     metrics |= {f"l2.{f}": r["l2"] for f, r in results.items()}
     metrics |= {"mean_auc": mean_auc, "mean_acc": mean_acc, "wall_time_s": wall}
@@ -74,6 +81,9 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     run.finish()
     out = {"run_id": job.run_id, "kind": job.kind, **job.descriptors, "seed": job.seed,
            "model": job.model.name if job.model else "", "mean_auc": mean_auc, "mean_acc": mean_acc,
-           "tasks": results, **meta, "wall_time_s": wall, "mlflow_run_id": run.run_id}
+           "tasks": results, **meta, "wall_time_s": wall, "mlflow_run_id": run.run_id,
+           "mlflow_key": run.key}
+    write_scores(out_json, scores)  # before eval.json: an eval.json always has its scores
     write_json(out_json, out)
     return out
+

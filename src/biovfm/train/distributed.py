@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,80 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def slurm_world_env(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """torch.distributed's environment for a process started as one of N tasks of a SLURM job step
+    (``srun -n N biovfm pretrain ...``): RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, the
+    rendezvous on 127.0.0.1 for a one-node step (else SLURM_LAUNCH_NODE_IPADDR, the node srun ran on: run srun from
+    the batch script) and a port derived from the job and step ids. MASTER_ADDR/MASTER_PORT already set win.
+
+    None outside a multi-task step (a single task, a batch script, no SLURM) or under torchrun, which sets its own.
+    """
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env and "WORLD_SIZE" in env:  # torchrun (also when torchrun runs inside a SLURM step)
+        return None
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else env.get("SLURM_LAUNCH_NODE_IPADDR"))
+    if not addr:
+        raise RuntimeError("a multi-node SLURM step without SLURM_LAUNCH_NODE_IPADDR: set MASTER_ADDR to the address "
+                           "of the node of task 0")
+    job, step = int(env.get("SLURM_JOB_ID", "0")), int(env["SLURM_STEP_ID"])
+    port = env.get("MASTER_PORT") or str(15000 + (job % 2500) * 10 + step % 10)  # 15000-39999, one per job step
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
+def slurm_job_gpus(env: Mapping[str, str] | None = None) -> int:
+    """GPUs SLURM gave this job (step) on this node: SLURM_GPUS_ON_NODE, else the ids in SLURM_STEP_GPUS or
+    SLURM_JOB_GPUS; 0 outside SLURM or in a job without GPUs."""
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" not in env:
+        return 0
+    if env.get("SLURM_GPUS_ON_NODE", "").strip().isdigit():
+        return int(env["SLURM_GPUS_ON_NODE"])
+    ids = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    return len([i for i in ids.split(",") if i.strip()])
+
+
+def launched_as_world() -> bool:
+    """Already one process of several: under torchrun, or one of the N tasks of ``srun -n N``."""
+    return launched_by_torchrun() or slurm_world_env() is not None
+
+
+def resolve_nproc(requested: int, env: Mapping[str, str] | None = None, visible_gpus: int | None = None) -> int:
+    """The number of processes of a pretraining job.
+
+    - one of N SLURM tasks or a torchrun process: the world it is part of;
+    - a SLURM job (step) that got GPUs: one process per GPU it got, whatever ``requested`` says;
+    - ``requested`` 0: one per visible GPU (at least 1);
+    - else ``requested``.
+    """
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    world = slurm_world_env(env)
+    if world is not None:
+        return int(world["WORLD_SIZE"])
+    gpus = slurm_job_gpus(env)
+    if gpus:
+        if requested not in (0, gpus):
+            print(f"[pretrain] the SLURM job got {gpus} GPU(s): {gpus} processes, one per GPU (not {requested}); "
+                  "set the GPUs per model size in params' cluster.pretrain", file=sys.stderr, flush=True)
+        return gpus
+    if requested == 0:
+        if visible_gpus is None:
+            visible_gpus = torch.cuda.device_count()
+        return max(1, visible_gpus)
+    return requested
+
+
 def init_world(device_type: str) -> World:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); a plain process is a world of one."""
+    """Join the process group torchrun or ``srun -n N`` set up (gloo on CPU, nccl on GPU); a plain process is a
+    world of one."""
+    slurm = slurm_world_env()
+    if slurm is not None:
+        os.environ.update(slurm)  # env:// rendezvous below reads them
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))

@@ -166,7 +166,9 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
     if world.is_main:
         run = tracking.Run(job.tracking["uri"], job.tracking["experiment"], name=f"pretrain {job.run_id}",
                            tags={"stage": "pretrain", "grid_id": job.run_id, "method": job.method, "model": job.model.name},
-                           params=asdict(job), run_id=mlflow_id)
+                           params=asdict(job), run_id=mlflow_id, key=tracking.job_key("pretrain", job.run_id, fp),
+                           record=tracking.record_path(out),  # replayable by `biovfm mlflow-import`
+                           series={"file": "history.csv", "step": "step", "exclude": ["images_seen"]})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     trainable = [p for p in method.parameters() if p.requires_grad]
     method.train()

@@ -1,0 +1,151 @@
+"""A self-contained HTML report of the study: headline numbers, every figure (embedded), the fits with
+their intervals, the extrapolation check, the compute recommendation, the comparison with the paper,
+and what is missing. One file, no scripts, no network: open it in any browser or attach it to a paper."""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from biovfm.analysis.fits import AUC_SCALE, MEAN_TASK
+from biovfm.io import write_text
+
+CAPTIONS = {
+    "mean_auc_vs_params": ("A. Mean AUC vs model size",
+                           "Mean linear-probe test AUC over the tasks against encoder parameters, per method and "
+                           "pretraining set. Error bars: 95% bootstrap intervals over the test set (and seeds). Dashed: the "
+                           "paper's log-log power law, slope and 95% CI in the legend; dotted: the saturating law where "
+                           "held-out error selects it. Grey: random-init encoders; long dashes: the raw-pixel probe."),
+    "task_grid": ("B. Per-task AUC vs model size", "The same for every task, one panel each."),
+    "task_slopes": ("C/D. Per-task slopes", "Log-log slope of AUC vs parameters per task, sorted, with 95% CIs, for "
+                    "the largest pretraining set of each method. Wide intervals crossing 0: the task does not "
+                    "resolve a trend at this test-set size."),
+    "data_comparison": ("E. Pretraining data", "Mean AUC of one (method, model) pretrained on a single modality, on a "
+                        "size-matched mix of modalities, and on the full corpus."),
+    "auc_vs_data_size": ("Mean AUC vs pretraining images", "One line per method and model; dotted: random init of "
+                         "the same size. The step count is fixed, so more images means fewer repeats, not more compute."),
+    "factor_correlations": ("F. Task factors vs scaling slope", "Pearson r between a task characteristic and the "
+                            "per-task slope (95% CI from refitting slopes on test-set resamples); η for categorical "
+                            "factors. With 12 tasks, |r| >= 0.58 is needed for p < 0.05."),
+    "compute_frontier": ("Compute view", "Mean AUC vs measured pretraining FLOPs; the frontier joins runs no cheaper "
+                         "run beats; crosses: the joint law's prediction at the recommended model size per budget."),
+    "extrapolation": ("Extrapolation check", "Each law fitted without the largest point predicts it. A ✗ marks a "
+                      "law whose paired 95% interval of (predicted - observed) excludes 0: do not plan a bigger "
+                      "run with it."),
+}
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+.note{color:#555;font-size:13px}.bad{color:#b00}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444}"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3g}"
+    return html.escape(str(v))
+
+
+def _table(df: pd.DataFrame, cols: list[str] | None = None, left: tuple[str, ...] = ()) -> str:
+    if df is None or len(df) == 0:
+        return "<p class='note'>(empty)</p>"
+    cols = [c for c in (cols or list(df.columns)) if c in df.columns]
+    head = "".join(f"<th class='{'l' if c in left else ''}'>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
+                   for r in df[cols].to_dict("records"))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _ci(v: float, lo: float, hi: float, scale: float = 1.0, nd: int = 4) -> str:
+    if v is None or pd.isna(v):
+        return "n/a"
+    s = f"{scale * v:.{nd}f}"
+    return s + (f" [{scale * lo:.{nd}f}, {scale * hi:.{nd}f}]" if lo is not None and not pd.isna(lo) else "")
+
+
+def _headline(points: pd.DataFrame, fits: pd.DataFrame) -> str:
+    mean = fits[(fits["axis"] == "params") & (fits["task"] == MEAN_TASK) & (fits["kind"] == "pretrained")]
+    rows = []
+    for _, r in mean[mean["form"] == "loglog"].iterrows():
+        sat = mean[(mean["method"] == r["method"]) & (mean["modality"] == r["modality"]) &
+                   (mean["data_size"] == r["data_size"]) & (mean["form"] == "saturating")]
+        chosen = "saturating" if len(sat) and sat["selected"].iloc[0] is True else "loglog"
+        holds = r.get("extrap_holds")
+        rows.append({"method": r["method"], "corpus": f"{r['modality']} n={int(r['data_size'])}",
+                     "slope [95% CI]": _ci(r["slope"], r.get("slope_lo"), r.get("slope_hi")),
+                     "R²": r["r2"], "selected form": chosen,
+                     "extrapolation holds": "" if pd.isna(holds) else ("yes" if holds else "NO"), "note": r["note"]})
+    best = points[(points["task"] == MEAN_TASK)].sort_values("auc", ascending=False).head(8)
+    best = best.assign(**{"mean AUC ×100 [95% CI]": [_ci(a, lo, hi, AUC_SCALE, 2) for a, lo, hi in
+                                                    zip(best["auc"], best["auc_lo"], best["auc_hi"])]})
+    return ("<h2>Headline</h2><h3>Mean-AUC slope vs encoder parameters</h3>"
+            + _table(pd.DataFrame(rows), left=("method", "corpus", "selected form", "note"))
+            + "<h3>Best models by mean AUC</h3>"
+            + _table(best, ["kind", "method", "model", "modality", "data_size", "mean AUC ×100 [95% CI]"],
+                     left=("kind", "method", "model", "modality", "mean AUC ×100 [95% CI]")))
+
+
+def write_report(path: str | Path, *, headline: dict, tables: dict[str, Any], figures: dict[str, Path],
+                 missing: list[str], notes: list[str], study: dict) -> Path:
+    """Write the report atomically from the analysis tables (:func:`biovfm.analysis.collect.analyse`);
+    figures are embedded (base64 PNG), so the file stands alone."""
+    points, fits, slopes = tables["points"].table, tables["fits"], tables["task_slopes"]
+    correlations, data_comparison = tables["correlations"], tables["data_comparison"]
+    recommendations, paper_comparison, paper_note = tables["recommendations"], tables["paper_comparison"], tables["paper_note"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>BioVFM-Scale report</title><style>{STYLE}</style>"
+             "</head><body><h1>BioVFM-Scale: scaling study report</h1>"]
+    parts.append(f"<p class='note'>Data: {html.escape(str(study.get('source', '?')))} at {study.get('image_size', '?')} px; "
+                 f"{headline['n_models']} evaluated models; {points['task'].nunique() - 1} tasks. "
+                 "All intervals are 95% percentile bootstrap intervals over the test set (1,000 paired resamples; "
+                 "seeds resampled too where there are several).</p>")
+    if missing:
+        parts.append("<h2 class='bad'>Missing evaluations</h2><p>These jobs have no result (failed or not run); "
+                     "the analysis below leaves them out:</p><ul>"
+                     + "".join(f"<li><code>{html.escape(m)}</code></li>" for m in missing) + "</ul>")
+    if notes:
+        parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append(_headline(points, fits))
+    for key, png in figures.items():
+        title, caption = CAPTIONS.get(key, (key, ""))
+        data = base64.b64encode(Path(png).read_bytes()).decode()
+        parts.append(f"<figure><h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if key == "task_slopes":
+            parts.append(_table(slopes, left=("method", "modality", "task", "note")))
+        if key == "factor_correlations":
+            parts.append(_table(correlations, left=("method", "factor", "kind", "note")))
+        if key == "data_comparison":
+            parts.append(_table(data_comparison, ["method", "model", "corpus", "auc", "auc_lo", "auc_hi"],
+                                left=("method", "model", "corpus")))
+        if key == "compute_frontier":
+            parts.append("<h3>Recommended model and data size per compute budget</h3>"
+                         + _table(recommendations, left=("method", "budget", "nearest_model", "law", "note")))
+        if key == "extrapolation":
+            ex = fits[fits["task"] == MEAN_TASK]
+            parts.append(_table(ex, ["axis", "kind", "method", "modality", "data_size", "form", "n_points", "x_largest",
+                                     "pred_largest", "pred_lo", "pred_hi", "obs_largest", "obs_lo", "obs_hi",
+                                     "extrap_error", "extrap_lo", "extrap_hi", "extrap_holds", "note"],
+                                left=("axis", "kind", "method", "modality", "form", "note")))
+    parts.append("<h2>Fits of the mean AUC (all axes and forms)</h2><p class='note'>Every task's fits are in "
+                 "<code>results/fits.csv</code>. loglog: ln(100 AUC) = intercept + slope ln x. saturating: "
+                 "1 - AUC = a (x/x_ref)^-b + c. selected: lower leave-one-out error.</p>")
+    parts.append(_table(fits[fits["task"] == MEAN_TASK],
+                        ["axis", "kind", "method", "model", "modality", "data_size", "form", "selected", "n_points",
+                         "slope", "slope_lo", "slope_hi", "a", "b", "b_lo", "b_hi", "c", "c_lo", "c_hi", "r2",
+                         "loo_rmse", "note"], left=("axis", "kind", "method", "model", "modality", "form", "note")))
+    parts.append("<h2>Comparison with the paper</h2>")
+    if len(paper_comparison):
+        parts.append("<p class='note'>Our AUC ×100 with its 95% CI next to the paper's digitised values "
+                     "(BioVFM-21M, linear probe at 224 px).</p>" + _table(paper_comparison, left=("method", "model", "task")))
+    else:
+        parts.append(f"<p class='note'>Not comparable: {html.escape(paper_note)}</p>")
+    parts.append("</body></html>")
+    write_text(path, "\n".join(parts))
+    return Path(path)
