@@ -42,6 +42,7 @@ def make_project(path: Path) -> Path:
     for name in ("Snakefile", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, path / name)
     shutil.copytree(REPO / "workflow", path / "workflow")
+    shutil.copytree(REPO / "envs", path / "envs")  # the rules' conda env (Snakemake records its hash per job)
     shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(TINY_PARAMS, path / "params.yaml")
     run(["git", "init", "-q"], path)

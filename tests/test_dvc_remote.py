@@ -2,11 +2,12 @@
 elsewhere, and the figures and tables rebuild from the pulled outputs without retraining, byte for byte."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
+import yaml
 
 from dvc_study import BIOVFM, DVC, job_stats, make_project, planned_jobs, rule_outputs, run, run_proc, tree
 
@@ -33,6 +34,24 @@ def study(tmp_path_factory) -> dict:
     assert remote.is_dir() and any(remote.rglob("*")), "nothing reached the remote"
     print(f"[test] trained and pushed in {time.perf_counter() - t0:.0f}s")
     return {"root": root, "origin": origin, "remote": remote}
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_status_and_params_diff(study):
+    """After `dvc repro`: the metrics are DVC's, the stage is up to date, and a params edit shows in diff and status."""
+    origin, root = study["origin"], study["root"]
+    shown = json.dumps(json.loads(run(DVC + ["metrics", "show", "--json"], origin)))
+    assert "mean_auc" in shown and "raw_pixels/" in shown  # a mean AUC per evaluated model, baselines too
+    assert "up to date" in run(DVC + ["status"], origin).lower()
+    edit = root / "edit"  # a clone of its own: the other tests keep the committed params
+    run(["git", "clone", "-q", str(origin), str(edit)], root)
+    params = yaml.safe_load((edit / "params.yaml").read_text())
+    params["pretrain"]["steps"] = 20
+    (edit / "params.yaml").write_text(yaml.safe_dump(params))
+    diff = run(DVC + ["params", "diff"], edit)
+    assert "pretrain.steps" in diff and "12" in diff and "20" in diff
+    assert "params.yaml" in run(DVC + ["status", "study"], edit)
+    shutil.rmtree(edit)
 
 
 @pytest.mark.slow

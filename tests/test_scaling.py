@@ -125,6 +125,6 @@ def test_data_comparison_frontier_and_recommendation() -> None:
     assert mae["frontier"].any() and mae.loc[mae["frontier"], "auc"].is_monotonic_increasing
     rec = scaling.recommend(pts)
     grid = rec[rec["budget"].str.contains("grid")]
-    assert (grid["nearest_model"].tolist()[:4] == list(SIZES)) and (grid["data_size"] == 4500).all()
+    assert (grid["nearest_grid_model"].tolist()[:4] == list(SIZES)) and (grid["data_size"] == 4500).all()
     big = rec[rec["budget"].str.contains("16x")]
     assert big["extrapolated"].all() and (big["pred_auc"] > grid.groupby("method")["pred_auc"].max().reindex(big["method"]).to_numpy()).all()

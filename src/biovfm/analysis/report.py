@@ -126,7 +126,7 @@ def write_report(path: str | Path, *, headline: dict, tables: dict[str, Any], fi
                                 left=("method", "model", "corpus")))
         if key == "compute_frontier":
             parts.append("<h3>Recommended model and data size per compute budget</h3>"
-                         + _table(recommendations, left=("method", "budget", "nearest_model", "law", "note")))
+                         + _table(recommendations, left=("method", "budget", "nearest_grid_model", "law", "note")))
         if key == "extrapolation":
             ex = fits[fits["task"] == MEAN_TASK]
             parts.append(_table(ex, ["axis", "kind", "method", "modality", "data_size", "form", "n_points", "x_largest",

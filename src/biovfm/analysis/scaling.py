@@ -312,19 +312,19 @@ def recommend(points: Points, budgets_x: tuple[float, ...] = (1.0, 4.0, 16.0)) -
         n_of_c = lambda budget: float(np.exp((np.log(budget) - cf[1]) / cf[0]))  # noqa: E731
         d_best = float(d.max()) if law["B"] > 0 else float(d.min())
         models = g.drop_duplicates("params_encoder").sort_values("params_encoder")
-        budgets = [(f"{r['model']} (grid)", float(g.loc[g["model"] == r["model"], "train_flops"].mean()))
-                   for _, r in models.iterrows()]
-        budgets += [(f"{x:g}x largest run", x * float(c.max())) for x in budgets_x if x > 1]
-        for label, budget in budgets:
-            n_star = n_of_c(budget)
+        budgets = [(f"{r['model']} (grid)", float(g.loc[g["model"] == r["model"], "train_flops"].mean()),
+                    float(r["params_encoder"])) for _, r in models.iterrows()]  # measured cost, exact size
+        budgets += [(f"{x:g}x largest run", x * float(c.max()), None) for x in budgets_x if x > 1]
+        for label, budget, n_grid in budgets:
+            n_star = n_grid if n_grid is not None else n_of_c(budget)
             near = models.iloc[int(np.argmin(np.abs(np.log(models["params_encoder"].to_numpy(float) / n_star))))]
             rows.append({**base, "budget": label, "train_flops": budget, "params_encoder": n_star,
-                         "nearest_model": near["model"], "data_size": d_best,
+                         "nearest_grid_model": near["model"], "data_size": d_best,
                          "pred_auc": float(laws.joint_predict(law, n_star, d_best)),
                          "extrapolated": bool(n_star > n.max() * 1.01),
                          "law": (f"1-AUC = {law['e']:.4f} + {law['A']:.4f}(N/{law['N0']:.3g})^-{law['alpha']:.3f}"
                                  f" + {law['B']:.4f}(D/{law['D0']:.3g})^-{law['beta']:.3f}"),
                          "note": ""})
-    cols = ["method", "budget", "train_flops", "params_encoder", "nearest_model", "data_size", "pred_auc",
+    cols = ["method", "budget", "train_flops", "params_encoder", "nearest_grid_model", "data_size", "pred_auc",
             "extrapolated", "law", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
