@@ -162,7 +162,7 @@ def _draw_laws(ax, fits: pd.DataFrame, x: np.ndarray, color: str, **desc) -> boo
         ax.plot(xf / 1e6, AUC_SCALE * laws.loglog_predict(f, xf), ls="--", lw=1.2, color=color, zorder=2)
         drew = True
     s = _fit_for(fits, "params", laws.SATURATING, **desc)
-    if s is not None and s.get("selected") is True and np.isfinite(s.get("a", np.nan)):
+    if s is not None and s.get("selected") == True and np.isfinite(s.get("a", np.nan)):  # noqa: E712 (numpy bool)
         ax.plot(xf / 1e6, AUC_SCALE * laws.saturating_predict(s, xf), ls=":", lw=1.4, color=color, zorder=2)
         drew = True
     return drew
@@ -510,8 +510,8 @@ def plot_extrapolation(fits: pd.DataFrame, out_png: str | os.PathLike) -> tuple[
                         capsize=2, label="observed" if i == 0 else None)
             color = "#2b8cbe" if r["form"] == laws.LOGLOG else "#e34a33"
             ax.errorbar(AUC_SCALE * r["pred_largest"], yi - 0.12, xerr=_pair(r, "pred"), fmt="s", color=color, ms=5,
-                        capsize=2, mfc="white" if r.get("extrap_holds") is False else color)
-        labels = [_series_label(r) + (" ✗" if r.get("extrap_holds") is False else "") for _, r in sel.iterrows()]
+                        capsize=2, mfc="white" if r.get("extrap_holds") == False else color)  # noqa: E712
+        labels = [_series_label(r) + (" ✗" if r.get("extrap_holds") == False else "") for _, r in sel.iterrows()]  # noqa: E712
         ax.set_yticks(y, labels, fontsize=7)
         handles = [Line2D([], [], color="k", marker="o", ls="none", label="observed at the largest x"),
                    Line2D([], [], color="#2b8cbe", marker="s", ls="none", label="log-log prediction"),

@@ -73,10 +73,10 @@ def _ci(v: float, lo: float, hi: float, scale: float = 1.0, nd: int = 4) -> str:
 def _headline(points: pd.DataFrame, fits: pd.DataFrame) -> str:
     mean = fits[(fits["axis"] == "params") & (fits["task"] == MEAN_TASK) & (fits["kind"] == "pretrained")]
     rows = []
-    for _, r in mean[mean["form"] == "loglog"].iterrows():
+    for _, r in mean[(mean["form"] == "loglog") & (mean["n_points"] >= 2)].iterrows():
         sat = mean[(mean["method"] == r["method"]) & (mean["modality"] == r["modality"]) &
                    (mean["data_size"] == r["data_size"]) & (mean["form"] == "saturating")]
-        chosen = "saturating" if len(sat) and sat["selected"].iloc[0] is True else "loglog"
+        chosen = "saturating" if len(sat) and bool(sat["selected"].iloc[0]) else "loglog"
         holds = r.get("extrap_holds")
         rows.append({"method": r["method"], "corpus": f"{r['modality']} n={int(r['data_size'])}",
                      "slope [95% CI]": _ci(r["slope"], r.get("slope_lo"), r.get("slope_hi")),
