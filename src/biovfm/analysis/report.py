@@ -30,7 +30,7 @@ CAPTIONS = {
                          "the same size. The step count is fixed, so more images means fewer repeats, not more compute."),
     "factor_correlations": ("F. Task factors vs scaling slope", "Pearson r between a task characteristic and the "
                             "per-task slope (95% CI from refitting slopes on test-set resamples); η for categorical "
-                            "factors. With 12 tasks, |r| >= 0.58 is needed for p < 0.05."),
+                            "factors. With 12 tasks, r must lie beyond ±0.58 for p < 0.05."),
     "compute_frontier": ("Compute view", "Mean AUC vs measured pretraining FLOPs; the frontier joins runs no cheaper "
                          "run beats; crosses: the joint law's prediction at the recommended model size per budget."),
     "extrapolation": ("Extrapolation check", "Each law fitted without the largest point predicts it. A ✗ marks a "
