@@ -169,3 +169,51 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_at_submission(study):
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
     assert re.search(r"Invalid generic resource|Requested node configuration is not available", out), _tail(proc)
     assert "--gpus=1" in out  # the request came from params' cluster.pretrain
+
+
+def test_a_requeued_pretraining_job_resumes_from_its_checkpoint(study):
+    """Preemption: `scontrol requeue` kills a running pretraining job after a checkpoint; SLURM runs it again under
+    the same job id (the profile submits with --requeue) and it resumes from the checkpoint, while the Snakemake that
+    submitted it keeps waiting and completes."""
+    workdir, p, _ = study
+    p = json.loads(json.dumps(p))
+    p["pretrain"].update(steps=400, checkpoint_every=40, log_every=40)  # long enough to be caught mid-run
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    run_dir = workdir / "results/runs/mae/femto/all/n60/s0"
+    cmd = ["timeout", "-k", "10", "400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--executor", "slurm", "--profile", str(PROFILE),
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
+           "--retries", "0", "--force", "results/runs/mae/femto/all/n60/s0/checkpoint.safetensors"]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("state-*.pt")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        if not list(run_dir.glob("state-*.pt")):
+            proc.kill()
+            pytest.fail(f"no checkpoint appeared while the job ran:\n{proc.communicate()[0][-6000:]}")
+        running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True,
+                                 env=_env(), check=True).stdout.split()
+        assert len(running) == 1, running
+        job_id = running[0]
+        t_requeue = time.monotonic()
+        subprocess.run(["scontrol", "requeue", job_id], env=_env(), check=True, capture_output=True, text=True)
+        # a requeued job waits for its begin time; let it start again at once
+        for _ in range(20):
+            upd = subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=_env(),
+                                 capture_output=True, text=True)
+            if upd.returncode == 0:
+                break
+            print(f"[test_slurm] scontrol update: {upd.stderr.strip()}")
+            time.sleep(0.5)
+        out, _ = proc.communicate(timeout=420)
+        print(f"[test_slurm] requeued job {job_id} finished {time.monotonic() - t_requeue:.0f} s after the requeue")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-6000:]
+    log = (workdir / "results/logs/pretrain/mae_femto_all_n60_s0.log").read_text()
+    assert re.search(r"resuming from step \d+", log), log[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["train_steps"] == 400
+    slurm_logs = list((workdir / "results/logs/slurm/rule_pretrain").rglob(f"{job_id}.log"))
+    assert slurm_logs, "the requeued job kept its SLURM job id and log"
