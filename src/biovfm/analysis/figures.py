@@ -88,12 +88,6 @@ def _steps_text(table: pd.DataFrame) -> str:
     return f"fixed steps, {int(steps[0]):,}-{int(steps[-1]):,}"
 
 
-def _yerr(std: pd.Series) -> np.ndarray | None:
-    """Std over seeds on the 0-100 scale, or None when no point has several seeds."""
-    v = AUC_SCALE * std.to_numpy(float)
-    return np.nan_to_num(v) if np.isfinite(v).any() else None
-
-
 def _new_figure(figsize: tuple[float, float]) -> Figure:
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
@@ -123,12 +117,6 @@ def _legend_entries(ax) -> tuple[list, list[str]]:
     return [handles[i] for i in order], [labels[i] for i in order]
 
 
-def _check_nonempty(summary: pd.DataFrame) -> None:
-    if len(summary) == 0:
-        raise ValueError("summary table is empty: nothing to plot")
-
-
-# ----------------------------------------------------------------------------- tables -> series
 def _err(t: pd.DataFrame) -> np.ndarray | None:
     """Asymmetric error bars (2 x n, 0-100 scale) from the bootstrap interval; None when no interval exists."""
     if "auc_lo" not in t or not np.isfinite(t["auc_lo"].to_numpy(float)).any():

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import gzip
 import re
-import struct
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from biovfm.data.medmnist import MULTI_LABEL, NPZ_KEYS, SPLITS, NpzFormatError, TaskInfo, validate_arrays
+from biovfm.data.medmnist import MULTI_LABEL, SPLITS, TaskInfo, load_npz
 
 FEATURE_SIZE = 16  # area-resized side of the DBI feature space
 PCA_DIMS = 32
@@ -53,56 +51,6 @@ CORRELATION_COLUMNS = ["method", "factor", "kind", "r", "p", "n", "note"]
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _open_npz_lazy(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an npz; uncompressed members as read-only memory maps, compressed ones read whole."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run the preprocess stage first)")
-    data: dict[str, np.ndarray] = {}
-    try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
-            for zi in zf.infolist():
-                key = zi.filename[:-4] if zi.filename.endswith(".npy") else zi.filename
-                if zi.compress_type != zipfile.ZIP_STORED:
-                    with zf.open(zi) as f:
-                        data[key] = np.lib.format.read_array(f, allow_pickle=False)
-                    continue
-                raw.seek(zi.header_offset)
-                header = raw.read(30)
-                if header[:4] != b"PK\x03\x04":
-                    raise ValueError(f"bad local header for member {zi.filename}")
-                name_len, extra_len = struct.unpack("<HH", header[26:30])
-                raw.seek(zi.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(raw)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
-                if dtype.hasobject:
-                    raise ValueError(f"member {zi.filename} holds Python objects")
-                offset = raw.tell()
-                if int(np.prod(shape)) == 0:
-                    data[key] = np.empty(shape, dtype=dtype)
-                else:
-                    data[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                                          order="F" if fortran else "C")
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error) as e:
-        raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
-    return data
-
-
-def _load(path: Path, info: TaskInfo) -> dict[str, np.ndarray]:
-    data = _open_npz_lazy(path)
-    missing = [k for k in NPZ_KEYS if k not in data]
-    if missing:
-        raise NpzFormatError(f"{path}: task {info.flag}: missing {missing}; task statistics need all three splits "
-                             f"(keys {list(NPZ_KEYS)})")
-    data = {k: data[k] for k in NPZ_KEYS}
-    for s in SPLITS:
-        data[f"{s}_labels"] = np.array(data[f"{s}_labels"])
-    validate_arrays(data, path, info)
-    return data
-
-
 def _groups(labels: np.ndarray, info: TaskInfo) -> np.ndarray:
     """Cluster id per image: the class, or for multi-label 0 = no positive label, 1 = any positive."""
     if info.task == MULTI_LABEL:
@@ -236,7 +184,7 @@ def task_characteristics(path: str | Path, info: TaskInfo, max_images: int = 200
     path = Path(path)
     if max_images < 2:
         raise ValueError(f"max_images must be >= 2, got {max_images}")
-    data = _load(path, info)
+    data = load_npz(path, info, mmap=True)  # images memory-mapped: only the sampled ones are read
     sizes = [len(data[f"{s}_labels"]) for s in SPLITS]
     groups = []
     for s in SPLITS:

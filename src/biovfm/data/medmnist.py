@@ -8,6 +8,8 @@ Real MedMNIST+ metadata (v3, Zenodo record 10519652): file names, MD5s per size,
 """
 from __future__ import annotations
 
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,17 +166,59 @@ def task_info_from_dict(d: dict) -> TaskInfo:
     return TaskInfo(**{**d, "label_names": tuple(d.get("label_names", ()))})
 
 
-def load_npz(path: str | Path, info: TaskInfo | None = None) -> dict[str, np.ndarray]:
-    """Read and validate a MedMNIST-layout npz; with ``info``, also check channels and label ranges."""
+def load_npz(path: str | Path, info: TaskInfo | None = None, mmap: bool = False) -> dict[str, np.ndarray]:
+    """Read and validate a MedMNIST-layout npz; with ``info``, also check channels and label ranges.
+
+    ``mmap``: uncompressed members (MedMNIST's files are) become read-only memory maps, so a reader that
+    needs a sample of a 224-px task does not hold all of it in memory; labels are always read whole."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run the download/preprocess stage first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError on pickles, EOFError on truncation
-        raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
+    if mmap:
+        data = _read_npz_mmap(path)
+        data.update({k: np.array(v) for k, v in data.items() if k.endswith("_labels")})
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile.BadZipFile, ValueError on pickles, EOFError on truncation
+            raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
     validate_arrays(data, path, info)
+    return data
+
+
+def _read_npz_mmap(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an npz; uncompressed members as read-only memory maps, compressed ones read whole."""
+    data: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            for zi in zf.infolist():
+                key = zi.filename[:-4] if zi.filename.endswith(".npy") else zi.filename
+                if zi.compress_type != zipfile.ZIP_STORED:
+                    with zf.open(zi) as f:
+                        data[key] = np.lib.format.read_array(f, allow_pickle=False)
+                    continue
+                raw.seek(zi.header_offset)
+                header = raw.read(30)
+                if header[:4] != b"PK\x03\x04":
+                    raise ValueError(f"bad local header for member {zi.filename}")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                raw.seek(zi.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(raw)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+                if dtype.hasobject:
+                    raise ValueError(f"member {zi.filename} holds Python objects")
+                offset = raw.tell()
+                if int(np.prod(shape)) == 0:
+                    data[key] = np.empty(shape, dtype=dtype)
+                else:
+                    data[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                          order="F" if fortran else "C")
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error) as e:
+        raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
     return data
 
 
