@@ -78,14 +78,18 @@ def test_cluster_resources_by_rule_and_model_size(raw_params):
     from biovfm.config import cluster_resources
 
     p = validate_params(raw_params)  # no cluster section: the schema's defaults
-    assert cluster_resources(p, "evaluate") == {"slurm_account": None, "slurm_partition": None, "mem_mb": 4000,
-                                                "runtime": 60}
+    assert cluster_resources(p, "evaluate_raw_pixels") == {"slurm_account": None, "slurm_partition": None,
+                                                           "mem_mb": 4000, "runtime": 60}
+    assert cluster_resources(p, "evaluate", "femto") == cluster_resources(p, "evaluate_random_init", "femto") == {
+        "slurm_account": None, "slurm_partition": None, "mem_mb": 16000, "runtime": 120, "gpu": 1, "gpu_model": None,
+        "cpus_per_gpu": 8}  # evaluation of an encoder can ask for GPUs too (cluster.evaluate)
     assert cluster_resources(p, "pretrain", "femto") == {"slurm_account": None, "slurm_partition": None,
                                                          "mem_mb": 16000, "runtime": 120, "gpu": 1, "gpu_model": None,
                                                          "cpus_per_gpu": 8}
     raw_params["cluster"] = {"account": "lab", "cpu_partition": "cpu", "gpu_partition": "gpu", "gpu_model": "h100",
                              "cpu_jobs": {"runtime": 30}, "rules": {"preprocess_corpus": {"mem_mb": 32000}},
-                             "pretrain": {"default": {"gpus": 0}, "atto": {"gpus": 4, "runtime": 600}}}
+                             "pretrain": {"default": {"gpus": 0}, "atto": {"gpus": 4, "runtime": 600}},
+                             "evaluate": {"atto": {"gpus": 2, "mem_mb": 64000}}}
     p = validate_params(raw_params)
     assert cluster_resources(p, "preprocess_corpus") == {"slurm_account": "lab", "slurm_partition": "cpu",
                                                          "mem_mb": 32000, "runtime": 30}
@@ -95,6 +99,12 @@ def test_cluster_resources_by_rule_and_model_size(raw_params):
                      "gpu_model": None, "cpus_per_gpu": None}  # a CPU job: no GPU keys
     assert atto == {"slurm_account": "lab", "slurm_partition": "gpu", "mem_mb": 16000, "runtime": 600, "gpu": 4,
                     "gpu_model": "h100", "cpus_per_gpu": 8}
+    assert cluster_resources(p, "evaluate", "atto") == {"slurm_account": "lab", "slurm_partition": "gpu",
+                                                        "mem_mb": 64000, "runtime": 120, "gpu": 2, "gpu_model": "h100",
+                                                        "cpus_per_gpu": 8}
+    raw_params["cluster"]["evaluate"] = {"giant": {"gpus": 1}}
+    with pytest.raises(ParamsError, match="cluster.evaluate: giant not a model size"):
+        cluster_resources(validate_params(raw_params), "evaluate", "atto")
 
 
 @pytest.mark.parametrize("edit, needle", [

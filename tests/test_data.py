@@ -59,6 +59,58 @@ def test_tasks_resize_to_any_study_size(tmp_path, size):
     assert np.array_equal(data["train_labels"], _task("octmnist")["train_labels"])
 
 
+@pytest.mark.parametrize("size", [16, 28])  # resized, and copied at equal size
+def test_task_preprocessing_matches_the_in_memory_resize_byte_for_byte_deterministic(tmp_path, size):
+    """Streamed output: the arrays of a whole-task resize, stored uncompressed (memory-mappable), the same bytes
+    from a stored or a deflated raw file, whatever the chunk."""
+    task = generate_task("pathmnist", 50, 20, 30, size=28, seed=0)
+    write_npz(tmp_path / "raw.npz", **task)
+    np.savez_compressed(tmp_path / "raw_deflated.npz", **task)
+    preprocess_task(tmp_path / "raw.npz", tmp_path / "a.npz", "pathmnist", size, chunk=7)
+    out = load_npz(tmp_path / "a.npz", task_info("pathmnist"), mmap=True)
+    assert all(isinstance(out[f"{s}_images"], np.memmap) for s in ("train", "val", "test"))
+    with np.load(tmp_path / "a.npz") as z:
+        assert z.files == [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
+        for key, ref in task.items():
+            want = resize_images(ref, size) if key.endswith("_images") else ref
+            assert z[key].dtype == want.dtype and np.array_equal(z[key], want) and np.array_equal(out[key], want), key
+    preprocess_task(tmp_path / "raw_deflated.npz", tmp_path / "b.npz", "pathmnist", size)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_streamed_npz_refuses_rows_that_do_not_fit_and_leaves_no_file(tmp_path):
+    from biovfm.io import stream_npz
+
+    with pytest.raises(ValueError, match=r"x\.npz: a: 2 of 3 rows written"):
+        with stream_npz(tmp_path / "x.npz") as out, out.member("a", (3, 2), np.uint8) as put:
+            put(np.zeros((2, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"x\.npz: a: got int64 rows \(2, 2\) after 0 rows; the member is declared uint8"):
+        with stream_npz(tmp_path / "x.npz") as out, out.member("a", (3, 2), np.uint8) as put:
+            put(np.zeros((2, 2), np.int64))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_task_preprocessing_memory_is_bounded_by_the_chunk(tmp_path):
+    """A 41 MB task is resized with a few chunks' worth of memory (PathMNIST-224 holds ~16 GB of pixels)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    splits = {"train": 6_000, "val": 2_000, "test": 2_000}
+    raw = tmp_path / "octmnist_64.npz"
+    write_npz(raw, **{k: v for s, n in splits.items() for k, v in (
+        (f"{s}_images", rng.integers(0, 256, (n, 64, 64), dtype=np.uint8)),
+        (f"{s}_labels", rng.integers(0, 4, (n, 1))))})
+    task_bytes, chunk_bytes = sum(splits.values()) * 64 * 64, 128 * 64 * 64
+    tracemalloc.start()
+    try:
+        preprocess_task(raw, tmp_path / "out.npz", "octmnist", 32, chunk=128)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < min(task_bytes / 10, 8 * chunk_bytes), f"peak {peak / 1e6:.1f} MB, task {task_bytes / 1e6:.1f} MB"
+    assert load_npz(tmp_path / "out.npz", task_info("octmnist"), mmap=True)["train_images"].shape == (6_000, 32, 32)
+
+
 def test_resize_keeps_rgb_and_identity_at_equal_size():
     x = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     assert resize_images(x, 16) is x and resize_images(x, 32).shape == (3, 32, 32, 3)

@@ -1,7 +1,9 @@
 """Two CPU processes under torchrun (gloo) reach the loss curve and weights of one process."""
+import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,9 +14,14 @@ from biovfm.config import pretrain_job, to_json
 from biovfm.train.distributed import torchrun_command
 
 
-def run_pretrain(job, corpus, out, nproc):
-    cmd = [sys.executable, "-m", "biovfm.cli", "pretrain", "--job", to_json(job), "--corpus", str(corpus),
-           "--out", str(out), "--processes", str(nproc), "--threads", str(nproc)]
+def run_pretrain(job, corpus, out, nproc, spy_log=None):
+    """``biovfm pretrain`` as one process, or as a torchrun world whose collectives ``tests/ddp_spy.py`` records."""
+    args = ["pretrain", "--job", to_json(job), "--corpus", str(corpus), "--out", str(out), "--processes", str(nproc),
+            "--threads", "1"]
+    if spy_log is None:
+        cmd = [sys.executable, "-m", "biovfm.cli", *args]
+    else:
+        cmd = [*torchrun_command(nproc, [])[:-2], str(Path(__file__).parent / "ddp_spy.py"), str(spy_log), "--", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -35,7 +42,11 @@ def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, metho
     if method == "dino":  # KoLeo looks for neighbours within each process's share of the batch (as DINOv2 does)
         job = replace(job, method_cfg={**job.method_cfg, "koleo_weight": 0.0})
     run_pretrain(job, corpus_dir, tmp_path / "one", 1)
-    two = run_pretrain(job, corpus_dir, tmp_path / "two", 2)
+    two = run_pretrain(job, corpus_dir, tmp_path / "two", 2, spy_log=tmp_path / "collectives.jsonl")
+    # every collective got a tensor on the device the engine trains on (NCCL takes CUDA tensors only)
+    calls = [json.loads(line) for line in (tmp_path / "collectives.jsonl").read_text().splitlines()]
+    assert {c["rank"] for c in calls} == {0, 1} and sum(c["op"] == "all_reduce" for c in calls) >= 2 * 8
+    assert all(c["device"] == c["engine_device"] for c in calls), [c for c in calls if c["device"] != c["engine_device"]]
     h1, h2 = pd.read_csv(tmp_path / "one" / "history.csv"), pd.read_csv(tmp_path / "two" / "history.csv")
     assert len(h1) == len(h2) == 8 and (h2["images_seen"] == h1["images_seen"]).all()  # same global batch
     np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=1e-4, atol=1e-5)
@@ -44,6 +55,41 @@ def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, metho
         np.testing.assert_allclose(w2[k], w1[k], atol=1e-4, err_msg=k)
     assert '"world_size": 2' in (tmp_path / "two" / "run.json").read_text()
     assert two.stdout.count("step 8/8") == 1  # one process reports
+
+
+def test_a_gpu_world_reduces_cuda_and_cpu_tensors(monkeypatch):
+    """On GPUs the process group has NCCL for CUDA tensors and gloo for CPU ones (an NCCL-only group fails at the
+    first collective on a CPU tensor); torch's own parser reads the backend string that way."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from biovfm.train import distributed
+
+    created = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: created.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        assert distributed.init_world("cuda") == distributed.World(1, 2, 1)
+        assert distributed.init_world("cpu") == distributed.World(1, 2, 1)
+    finally:
+        distributed.init_world.__globals__["_DEVICE_TYPE"] = "cpu"
+    gpu, cpu = (BackendConfig(b).get_device_backend_map() for b in created)
+    assert gpu == {"cuda": "nccl", "cpu": "gloo"} and set(cpu.values()) == {"gloo"}
+
+
+def test_a_collective_on_the_wrong_device_is_named(monkeypatch):
+    import torch
+
+    from biovfm.train import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "_DEVICE_TYPE", "cuda")
+    with pytest.raises(RuntimeError, match="collective on a cpu tensor in a cuda world"):
+        distributed.all_reduce_mean(torch.zeros(3))
 
 
 def test_a_batch_that_does_not_split_is_refused_before_launch(params, corpus_dir, tmp_path, capsys):

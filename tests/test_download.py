@@ -231,17 +231,3 @@ def test_ready_medmnist_config_validates():
     assert p["data"]["tasks"] == list(TASKS)
     assert yaml.safe_load((REPO / "configs" / "medmnist.yaml").read_text()).keys() >= {
         "data", "grid", "models", "modalities", "pretrain", "methods", "evaluate", "tracking"}
-
-
-def test_medmnist_config_laid_over_params_keeps_its_own_schedule():
-    """Snakemake merges --configfile over params.yaml key by key: nothing of the CPU default may leak in."""
-    from snakemake.utils import update_config
-
-    merged = yaml.safe_load((REPO / "params.yaml").read_text())
-    update_config(merged, yaml.safe_load((REPO / "configs" / "medmnist.yaml").read_text()))
-    p = validate_params(merged, source="params.yaml + configs/medmnist.yaml")
-    from biovfm.config import train_settings
-
-    for method in p["grid"]["methods"]:
-        t = train_settings(p, method)
-        assert (t.steps, t.batch_size, t.checkpoint_every) == (20000, 256, 1000), method

@@ -16,7 +16,8 @@ from biovfm.config import pretrain_job, to_json
 from biovfm.data.store import load_store, write_store
 from biovfm.data.synthetic import MODALITIES, generate_corpus
 from biovfm.train.checkpoint import CheckpointMismatch, load_state, save_state
-from biovfm.train.engine import batch_indices, fingerprint, pretrain
+from biovfm.train.engine import fingerprint, pretrain
+from biovfm.train.loader import batch_indices
 from biovfm.train.schedule import warmup_cosine
 
 
@@ -217,3 +218,55 @@ def test_bf16_and_compile_options_train(params, corpus_dir, mlflow_uri, tmp_path
     """The options run end to end on CPU (speed is measured in benchmarks/, not here)."""
     meta = pretrain(tiny_job(params, mlflow_uri, "dino", steps=2, precision="bf16", compile=True), corpus_dir, tmp_path)
     assert np.isfinite(meta["final_loss"])
+
+
+def test_pretraining_reads_batches_not_the_data_set(params, mlflow_uri, tmp_path):
+    """Memory is bounded by the batch: a run on a 20 MB store allocates a few batches of images, never the subset
+    (numpy's allocations are traced; the whole subset would be 20 MB)."""
+    import tracemalloc
+
+    n = 6400
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    write_store(tmp_path / "big", images, np.full(n, "test"), np.full(n, "xray"), shard_size=512)
+    del images
+    job = pretrain_job(params, "mae", "femto", "all", n, 0)
+    job = replace(job, image_size=32, modality_sources=("xray",), tracking={"uri": mlflow_uri, "experiment": "test"},
+                  train=replace(job.train, steps=3, batch_size=16, checkpoint_every=100, log_every=100))
+    pretrain(replace(job, train=replace(job.train, steps=1)), tmp_path / "big", tmp_path / "warm")  # imports, caches
+    tracemalloc.start()
+    try:
+        pretrain(job, tmp_path / "big", tmp_path / "run")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6e6, f"traced peak {peak / 1e6:.1f} MB for a {n * 32 * 32 * 3 / 1e6:.0f} MB subset"
+
+
+def test_batch_stream_gives_each_process_its_micro_batches_of_the_step(corpus_dir):
+    """What the background loader yields is the pure function of (seed, step, rank, accumulation) the engine
+    reads: rank r's micro-batch k is its slice of the step's global batch, in order."""
+    from biovfm.train.loader import BatchStream, read_batch
+
+    store = load_store(corpus_dir)
+    rows = store.subset(["xray", "ct"], 60, seed=0)
+    stream = BatchStream(store.images, rows, 16, 3, rank=1, accum=2, mb=4, start=5, stop=9)
+    got = list(stream)
+    stream.close()
+    assert [s for s, _ in got] == [5, 6, 7, 8]
+    for step, batches in got:
+        idx = batch_indices(len(rows), 16, step, seed=3).numpy()
+        for k, x in enumerate(batches):
+            want = store.images[rows[idx[(1 * 2 + k) * 4:(1 * 2 + k + 1) * 4]]]
+            assert x.dtype == torch.uint8 and x.shape == (4, 3, 16, 16)
+            assert torch.equal(x, torch.from_numpy(want).permute(0, 3, 1, 2)) and x.is_contiguous()
+    assert torch.equal(read_batch(store.images, rows[:3]), torch.from_numpy(store.images[rows[:3]]).permute(0, 3, 1, 2))
+
+
+def test_a_failing_read_stops_training_with_its_error(corpus_dir):
+    from biovfm.train.loader import BatchStream
+
+    store = load_store(corpus_dir)
+    stream = BatchStream(store.images, np.array([0, 1, 10**6]), 3, 0, rank=0, accum=1, mb=3, start=0, stop=4)
+    with pytest.raises(IndexError, match="out of range for a store of 96 images"):
+        list(stream)
+    stream.close()

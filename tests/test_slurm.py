@@ -92,7 +92,8 @@ def study(slurm, tmp_path_factory):
     p["data"]["tasks"] = ["pathmnist", "chestmnist", "breastmnist", "bloodmnist"]
     p["grid"]["data_sizes"] = [60]
     p["cluster"] = {"cpu_jobs": {"mem_mb": 500, "runtime": 15},
-                    "pretrain": {"default": {"gpus": 0, "mem_mb": 1000, "runtime": 15}}}
+                    "pretrain": {"default": {"gpus": 0, "mem_mb": 1000, "runtime": 15}},
+                    "evaluate": {"default": {"gpus": 0, "mem_mb": 1000, "runtime": 15}}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
     proc, elapsed = snakemake_slurm(workdir)
     print(f"[test_slurm] the small study's DAG through SLURM: {elapsed:.0f} s")

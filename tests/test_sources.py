@@ -290,6 +290,74 @@ def test_medmnist_source_reads_train_split_only_and_passes_the_check(tmp_path, t
     assert set(idx["modality"]) == {"ultrasound"} and idx["origin"].iloc[3] == "breastmnist.npz:train[3]"
 
 
+def benchmark_with_cross_split_copies(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A MedMNIST-layout task as MedMNIST ships some: train images equal to val/test images, and repeated in train.
+
+    Returns the raw folder (the 28-px file name; 16-px images), the evaluation task file and the arrays."""
+    task = generate_task("breastmnist", 30, 20, 20, size=16, seed=0)
+    tr = task["train_images"]
+    tr[3], tr[5], tr[6], tr[9] = task["val_images"][1], task["test_images"][4], task["test_images"][4], tr[0]
+    raw = tmp_path / "raw"
+    write_npz(raw / "breastmnist.npz", **task)
+    write_npz(tmp_path / "breastmnist_16.npz", **task)
+    return raw, tmp_path / "breastmnist_16.npz", task
+
+
+def test_benchmark_train_splits_leave_out_their_val_test_copies_and_report_them(tmp_path):
+    """kind medmnist drops (by default) what equals a val/test image; within-train copies stay duplicates."""
+    raw, task_file, _ = benchmark_with_cross_split_copies(tmp_path)
+    mm = {"name": "mm", "kind": "medmnist", "root": str(raw), "flags": ["breastmnist"], "size": 28}
+    r = build(tmp_path, [mm], tasks=[task_file])  # the corpus default on_leak is fail: the source's own wins
+    m = r["sources"]["mm"]
+    assert (m["on_leak"], m["read"], m["leaked"], m["duplicates"], m["kept"]) == ("drop", 30, 2, 2, 26)
+    assert m["leaked_images"] == [{"image": "breastmnist.npz:train[3]", "equals": "breastmnist_16.npz:val[1]"},
+                                  {"image": "breastmnist.npz:train[5]", "equals": "breastmnist_16.npz:test[4]"}]
+    assert r["leakage"]["val_test"] == 2 and json.loads((tmp_path / "store" / store.REPORT).read_text()) == r
+    origins = store.load_store(tmp_path / "store").index["origin"].tolist()
+    assert not {"breastmnist.npz:train[3]", "breastmnist.npz:train[5]", "breastmnist.npz:train[9]"} & set(origins)
+    with pytest.raises(CorpusError, match=r"'mm' \(medmnist\): 2 corpus images are identical to evaluation images"):
+        build(tmp_path, [{**mm, "on_leak": "fail"}], tasks=[task_file])
+
+
+@pytest.mark.parametrize("kind", ["folder", "synthetic"])
+def test_a_users_source_with_the_same_copies_still_fails_unless_it_drops(tmp_path, kind):
+    raw, task_file, task = benchmark_with_cross_split_copies(tmp_path)
+    copies = np.stack([task["val_images"][1], task["test_images"][4], rand((16, 16), 1)])
+    if kind == "folder":
+        for k, im in enumerate(copies):
+            write_png(tmp_path / "mine" / f"{k}.png", im)
+        mine = {"name": "mine", "kind": "folder", "path": str(tmp_path / "mine"), "modality": "ultrasound"}
+        first = "mine:0.png = breastmnist_16.npz:val[1]"
+    else:
+        write_npz(tmp_path / "mine.npz", images=np.repeat(copies[..., None], 3, axis=-1),
+                  modality=np.array(["ultrasound"] * 3))
+        mine = {"name": "mine", "kind": kind, "path": str(tmp_path / "mine.npz")}
+        first = "mine:mine.npz[0] = breastmnist_16.npz:val[1]"
+    mm = {"name": "mm", "kind": "medmnist", "root": str(raw), "flags": ["breastmnist"], "size": 28}
+    with pytest.raises(CorpusError, match=rf"'mine' \({kind}\): 2 corpus images are identical") as e:
+        build(tmp_path, [mine, mm], tasks=[task_file])
+    assert first in str(e.value) and "on_leak: drop" in str(e.value) and "'mm'" not in str(e.value)
+    r = build(tmp_path, [{**mine, "on_leak": "drop"}, mm], tasks=[task_file])
+    assert (r["sources"]["mine"]["leaked"], r["sources"]["mine"]["kept"], r["sources"]["mm"]["leaked"]) == (2, 1, 0)
+    assert r["sources"]["mm"]["duplicates"] == 4  # train[3, 5, 6]: copies of what `mine` left out; train[9]
+
+
+def test_source_on_leak_defaults_drop_for_the_benchmark_only(raw_params):
+    raw_params["data"] |= {"source": "medmnist", "medmnist": {"size": 28}}
+    raw_params["grid"]["data_sizes"] = [60]
+    p = validate_params(raw_params)
+    assert [(s["kind"], s["on_leak"]) for s in p["corpus"]["sources"]] == [("medmnist", "drop")]
+    assert p["corpus"]["on_leak"] == "fail" and validate_params(p) == p
+    raw_params["corpus"] = {"sources": [{"name": "mm", "kind": "medmnist", "on_leak": "fail"},
+                                        {"name": "cxr", "kind": "folder", "path": "/data/cxr", "modality": "xray"}]}
+    srcs = validate_params(raw_params)["corpus"]["sources"]
+    assert srcs[0]["on_leak"] == "fail" and "on_leak" not in srcs[1]  # the corpus' on_leak
+    assert S.source_from_dict(srcs[1]).leak_policy("drop") == "drop"
+    raw_params["corpus"]["sources"][1]["on_leak"] = "ignore"
+    with pytest.raises(ParamsError, match=r"corpus.sources\[1\].on_leak: 'ignore' is not one of"):
+        validate_params(raw_params)
+
+
 def test_evaluation_hashes_prefer_held_out_splits(tmp_path):
     from biovfm.data.preprocess import evaluation_hashes
 
@@ -404,14 +472,20 @@ def test_cli_builds_a_mixed_dicom_nifti_png_folder_with_a_per_modality_report(tm
 
 
 def test_report_is_logged_to_mlflow_only_into_an_existing_store(tmp_path, mlflow_uri):
-    write_png(tmp_path / "f" / "a.png", rand((8, 8), 1))
-    report = build(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "f"), "modality": "xray", "license": "CC0"}])
+    write_png(tmp_path / "f" / "a.png", rand((16, 16), 1))
+    raw, task_file, _ = benchmark_with_cross_split_copies(tmp_path)  # with images left out as val/test copies
+    f = {"name": "f", "kind": "folder", "path": str(tmp_path / "f"), "modality": "xray", "license": "CC0"}
+    mm = {"name": "mm", "kind": "medmnist", "root": str(raw), "flags": ["breastmnist"], "size": 28}
+    report = build(tmp_path, [f, mm], tasks=[task_file])
     run_id = log_corpus_report(report, tmp_path / "store" / store.REPORT, mlflow_uri, "test")
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(mlflow_uri).get_run(run_id)
     assert run.data.tags["stage"] == "preprocess" and run.data.metrics["source.f.kept"] == 1
     assert run.data.metrics["modality.xray"] == 1 and run.data.params["sources.f.license"] == "CC0"
+    assert run.data.metrics["source.mm.leaked"] == 2 and run.data.params["sources.mm.on_leak"] == "drop"
+    assert run.data.params["sources.f.on_leak"] == "fail"
+    assert "mm:breastmnist.npz:train[5] = breastmnist_16.npz:test[4]" in run.data.tags["leaked_examples"]
     missing = tmp_path / "nowhere" / "mlflow.db"
     assert log_corpus_report(report, tmp_path / "store" / store.REPORT, f"sqlite:///{missing}", "test") is None
     assert not missing.exists()

@@ -128,6 +128,37 @@ def test_compressed_npz_reads_the_same(tmp_path):
     assert a == b
 
 
+def test_val_and_test_images_equal_to_train_images_are_counted(tmp_path, monkeypatch):
+    """MedMNIST ships some val/test images that are train images too: the table says how many, per task."""
+    z = dict(np.load(write_task(tmp_path / "toy_12.npz")))
+    tr, va, te = z["train_images"], z["val_images"], z["test_images"]
+    te[0], te[1], te[2], te[3] = tr[5], tr[5], tr[59], va[2]  # two copies of one train image; a val image
+    va[0], tr[7] = tr[1], tr[8]  # a within-train copy counts for nothing here
+    np.savez(tmp_path / "toy_12.npz", **z)
+    np.savez_compressed(tmp_path / "comp_12.npz", **z)
+    monkeypatch.setattr(ts, "HASH_CHUNK", 7)  # chunks that split the arrays anywhere
+    assert ts.copies_of_train(tmp_path / "toy_12.npz") == {"val_in_train": 1, "test_in_train": 3}
+    r = ts.task_characteristics(tmp_path / "comp_12.npz", _info())
+    assert (r["val_in_train"], r["test_in_train"]) == (1, 3)
+    assert ts.task_characteristics(write_task(tmp_path / "clean_12.npz"), _info())["test_in_train"] == 0
+
+
+def test_report_shows_what_the_corpus_left_out_and_each_tasks_copies():
+    from biovfm.analysis.report import LEAKED_SHOWN, _data_section
+
+    leaked = [{"image": f"pneumoniamnist.npz:train[{i}]", "equals": f"pneumoniamnist_28.npz:test[{i}]"}
+              for i in range(30)]
+    mm = {"kind": "medmnist", "read": 150, "duplicates": 19, "leaked": 31, "on_leak": "drop", "kept": 100,
+          "leaked_images": leaked}  # 31 left out, 30 listed
+    corpus = {"n_images": 100, "image_size": 28, "on_leak": "fail", "leakage": {"val_test": 31}, "sources": {"medmnist": mm}}
+    stats = pd.DataFrame({"task": ["pneumoniamnist"], "n_train": [4708], "val_in_train": [2], "test_in_train": [7]})
+    html = _data_section(corpus, stats)
+    assert "<code>medmnist:pneumoniamnist.npz:train[0]</code> = <code>pneumoniamnist_28.npz:test[0]</code>" in html
+    assert html.count("<li><code>") == LEAKED_SHOWN and f"and {31 - LEAKED_SHOWN} more" in html
+    assert "<td class=''>7</td>" in html and "<td class='l'>drop</td>" in html
+    assert _data_section(None, stats.drop(columns=["val_in_train", "test_in_train"])) == ""  # older inputs: nothing
+
+
 def test_table_order_and_flags(tmp_path):
     paths = {"b": write_task(tmp_path / "b_12.npz", seed=1), "a": write_task(tmp_path / "a_12.npz", seed=2)}
     infos = {"a": _info("a"), "b": _info("b")}

@@ -144,7 +144,8 @@ def test_small_study_end_to_end(workdir):
 def test_medmnist_source_end_to_end(workdir):
     """data.source: medmnist from a local mirror (MD5 overrides), plus a custom task, through the whole DAG.
 
-    The pretraining corpus is the corpus section's default for this source: the downloaded train splits.
+    The pretraining corpus is the corpus section's default for this source: the downloaded train splits, which hold
+    copies of val/test images as MedMNIST's do: they are left out of the corpus and reported, not fatal.
     """
     import io
 
@@ -158,8 +159,11 @@ def test_medmnist_source_end_to_end(workdir):
     tasks = ["chestmnist", "breastmnist"]  # multi-label and binary; a 3-channel custom task below
     files = {}
     for flag in tasks:
+        task = generate_task(flag, 60, 40, 60, size=28, seed=1)
+        tr = task["train_images"]  # copies across splits (left out of the corpus) and within train (a duplicate)
+        tr[3], tr[4], tr[5], tr[6] = task["val_images"][0], task["test_images"][1], task["test_images"][2], tr[7]
         buf = io.BytesIO()
-        np.savez(buf, **generate_task(flag, 60, 40, 60, size=28, seed=1))
+        np.savez(buf, **task)
         files[npz_name(flag, 28)] = buf.getvalue()
     md5 = {name: hashlib.md5(b).hexdigest() for name, b in files.items()}
     write_npz(workdir / "mine" / "my_derm.npz", **generate_task("dermamnist", 60, 40, 60, size=20, seed=2))
@@ -183,6 +187,15 @@ def test_medmnist_source_end_to_end(workdir):
     assert set(summary["task"]) == {*tasks, "my_derm"} and len(summary) == 2 * 3  # pretrained + raw pixels
     assert summary["auc"].between(0, 1).all()
     assert (res / "figures" / "task_grid.png").stat().st_size > 10_000
+    corpus = json.loads((workdir / "data" / "processed" / "corpus" / "report.json").read_text())["sources"]["medmnist"]
+    assert (corpus["on_leak"], corpus["leaked"], corpus["duplicates"], corpus["kept"]) == ("drop", 6, 2, 112)
+    assert {"image": "chestmnist.npz:train[4]", "equals": "chestmnist_16.npz:test[1]"} in corpus["leaked_images"]
+    stats = pd.read_csv(res / "tables" / "task_stats.csv", index_col="task")
+    assert stats["val_in_train"].to_dict() == {**dict.fromkeys(tasks, 1), "my_derm": 0}
+    assert stats["test_in_train"].to_dict() == {**dict.fromkeys(tasks, 2), "my_derm": 0}
+    html = (res / "report.html").read_text()
+    assert "<code>medmnist:breastmnist.npz:train[3]</code> = <code>breastmnist_16.npz:val[0]</code>" in html
+    assert "test_in_train" in html
 
     # a new mirror or retry policy re-downloads nothing (the server is gone, so any download would fail)
     p["data"]["medmnist"] |= {"base_url": "http://127.0.0.1:9/elsewhere", "retries": 0}

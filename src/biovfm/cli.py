@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,13 +101,26 @@ def _models(a: argparse.Namespace) -> None:
 
 
 def _pretrain(a: argparse.Namespace) -> None:
+    from biovfm import devices
+    from biovfm.train import distributed
+
+    if distributed.launched_as_world():  # a process of the job's torchrun / srun world: the job holds the GPUs
+        return _pretrain_process(a, 0)
+    with devices.job_gpus(a.gpus) as gpus:
+        if gpus:
+            print(f"[pretrain] GPU(s) {','.join(gpus)} of this machine (CUDA_VISIBLE_DEVICES)", flush=True)
+        _pretrain_process(a, len(gpus))
+
+
+def _pretrain_process(a: argparse.Namespace, claimed_gpus: int) -> None:
     from biovfm.config import pretrain_job_from_json
     from biovfm.train import distributed
-    from biovfm.train.engine import micro_batch, pretrain
+    from biovfm.train.engine import pretrain
+    from biovfm.train.loader import micro_batch
 
     job = pretrain_job_from_json(a.job)
-    # 0: one per visible GPU; in a SLURM job with GPUs: one per GPU of the job; under srun -n N: N
-    nproc = distributed.resolve_nproc(job.train.nproc if a.processes is None else a.processes)
+    # 0: one per visible GPU; a job that got GPUs (SLURM, or claimed here): one per GPU; under srun -n N: N
+    nproc = distributed.resolve_nproc(job.train.nproc if a.processes is None else a.processes, gpus=claimed_gpus)
     threads = a.threads or job.train.threads
     micro_batch(job.train.batch_size, nproc, job.train.grad_accum)  # fail here, not in every process
     if nproc > 1 and not distributed.launched_as_world():
@@ -115,26 +129,33 @@ def _pretrain(a: argparse.Namespace) -> None:
                 "--threads", str(max(1, threads // nproc))]
         status = distributed.relaunch(nproc, argv)
         if status:
-            raise RuntimeError(f"torchrun with {nproc} processes exited with status {status}")
+            raise RuntimeError(f"torchrun with {nproc} processes exited with status {status} (the ranks' errors are "
+                               "printed above)")
         return
     job = replace(job, train=replace(job.train, threads=threads, nproc=nproc))
     pretrain(job, a.corpus, a.out)
 
 
 def _evaluate(a: argparse.Namespace) -> None:
+    from biovfm import devices
     from biovfm.config import eval_job_from_json
-    from biovfm.evaluate.job import evaluate
 
     job = eval_job_from_json(a.job)
     if a.threads:
         job = replace(job, threads=a.threads)
-    evaluate(job, a.tasks, a.out, a.checkpoint)
+    with devices.job_gpus(a.gpus) as gpus:
+        if gpus:
+            print(f"[evaluate] GPU(s) {','.join(gpus)} of this machine (CUDA_VISIBLE_DEVICES)", flush=True)
+        from biovfm.evaluate.job import evaluate
+
+        evaluate(job, a.tasks, a.out, a.checkpoint)
 
 
 def _aggregate(a: argparse.Namespace) -> None:
     from biovfm.analysis.collect import aggregate
 
-    aggregate(a.evals, a.uri, a.out, study=json.loads(a.study), task_stats=a.task_stats, n_boot=a.n_boot)
+    aggregate(a.evals, a.uri, a.out, study=json.loads(a.study), task_stats=a.task_stats, n_boot=a.n_boot,
+              corpus_report=a.corpus_report)
 
 
 def _show_tasks(a: argparse.Namespace) -> None:
@@ -161,6 +182,10 @@ def _sync(a: argparse.Namespace) -> None:
         sync.pull(cwd, a.remote, a.jobs, adopt_outputs=not a.no_adopt, snakemake_args=a.snakemake)
     else:
         sync.adopt(cwd, a.snakemake)
+
+
+GPUS_HELP = ("GPUs this job uses on a machine with GPUs: it claims that many free ones (one job per GPU) and pins "
+             "itself to them with CUDA_VISIBLE_DEVICES; 0 or no GPU: CPU. Inside a SLURM job, SLURM's allocation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=0, help="override the job's thread count (Snakemake's {threads})")
     s.add_argument("--processes", type=int, default=None,
                    help="processes (torchrun, DDP) for this job; default pretrain.nproc; 0 = one per visible GPU")
+    s.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     s.add_argument("--out", required=True, help="run directory")
     s.set_defaults(fn=_pretrain)
 
@@ -250,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tasks", required=True, help="folder of processed task npz files")
     s.add_argument("--checkpoint", default=None)
     s.add_argument("--threads", type=int, default=0, help="override the job's thread count (Snakemake's {threads})")
+    s.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_evaluate)
 
@@ -259,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--uri", required=True)
     s.add_argument("--study", default="{}", help="JSON: data source, image size and modalities (params.yaml)")
     s.add_argument("--task-stats", default=None, help="CSV of task characteristics (biovfm task-stats) for Figure F")
+    s.add_argument("--corpus-report", default=None,
+                   help="the corpus report (data/processed/corpus/report.json): what the corpus left out, in the report")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each test set")
     s.add_argument("--out", required=True, help="results folder")
     s.set_defaults(fn=_aggregate)
@@ -279,10 +308,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"biovfm {args.cmd}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - every failure ends as a message on top and its traceback in the log
+        report_error(args.cmd, e)
         return 1
     return 0
+
+
+def report_error(cmd: str, e: BaseException) -> None:
+    """The one-line message first (what a user reads in Snakemake's summary), a hint for the errors of scale, then
+    the traceback, so that a CUDA out-of-memory or NCCL error in a cluster log can be traced."""
+    print(f"biovfm {cmd}: error: {e if str(e) else type(e).__name__}", file=sys.stderr)
+    name = type(e).__name__
+    if name == "OutOfMemoryError":
+        print("hint: the job ran out of GPU memory; lower pretrain.batch_size or raise pretrain.grad_accum (same "
+              "global batch, smaller micro-batches), or evaluate.batch_size for feature extraction", file=sys.stderr)
+    elif name == "DistBackendError":
+        print("hint: a collective between the job's processes failed (NCCL/gloo); the traceback of the rank that "
+              "failed first is the one to read", file=sys.stderr)
+    print("".join(traceback.format_exception(e)).rstrip(), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

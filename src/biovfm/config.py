@@ -424,24 +424,30 @@ def code_version(*parts: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- cluster (SLURM)
+# Rules whose jobs may run on GPUs, and the section of params' cluster that sizes them by model.
+GPU_RULES = {"pretrain": "pretrain", "evaluate": "evaluate", "evaluate_random_init": "evaluate"}
+
+
 def cluster_resources(p: dict[str, Any], rule: str, model: str | None = None) -> dict[str, Any]:
-    """What a job of ``rule`` asks SLURM for, from the params' ``cluster`` section (defaults filled by the schema).
+    """What a job of ``rule`` asks for, from the params' ``cluster`` section (defaults filled by the schema).
 
     Keys are the SLURM executor plugin's resource names: ``slurm_partition``, ``slurm_account``, ``mem_mb``,
-    ``runtime`` (minutes) and, for ``pretrain`` jobs of ``model``, ``gpu`` (a count; 0 = a CPU job), ``gpu_model``
-    and ``cpus_per_gpu``. Every other rule is a CPU-only job: ``cluster.cpu_jobs``, overridden by
-    ``cluster.rules.<rule>``. A value of None means "not set" (the cluster's default). Only the SLURM executor reads
-    them; a local run schedules on threads alone.
+    ``runtime`` (minutes) and, for the GPU rules (pretraining, and evaluation of an encoder) of ``model``, ``gpu``
+    (a count; 0 = a CPU job), ``gpu_model`` and ``cpus_per_gpu``, by model size from ``cluster.pretrain`` or
+    ``cluster.evaluate``. Every other rule is a CPU-only job: ``cluster.cpu_jobs``, overridden by
+    ``cluster.rules.<rule>``. A value of None means "not set" (the cluster's default). The GPU count also applies to
+    local runs on a machine with GPUs (one job per GPU); the rest only to SLURM.
     """
     c = p["cluster"]
     res: dict[str, Any] = {"slurm_account": c["account"]}
-    if rule == "pretrain":
+    if rule in GPU_RULES:
+        section = GPU_RULES[rule]
         if model is None:
-            raise ValueError("cluster_resources(..., 'pretrain', model): the model size is required")
-        sizes = c["pretrain"]
+            raise ValueError(f"cluster_resources(..., {rule!r}, model): the model size is required")
+        sizes = c[section]
         unknown = sorted(set(sizes) - set(p["models"]) - {"default"})
         if unknown:
-            raise ParamsError(f"cluster.pretrain: {', '.join(unknown)} not a model size under models "
+            raise ParamsError(f"cluster.{section}: {', '.join(unknown)} not a model size under models "
                               f"(sizes: {', '.join(p['models'])}, or `default`)")
         lim = {**sizes["default"], **sizes.get(model, {})}
         gpus = lim["gpus"]

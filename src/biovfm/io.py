@@ -8,8 +8,9 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -52,6 +53,56 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Uncompressed npz (as MedMNIST ships it), written atomically."""
     with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
+
+
+NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same arrays give the same bytes
+
+
+class NpzStream:
+    """An uncompressed npz being written member by member (see :func:`stream_npz`)."""
+
+    def __init__(self, zf: zipfile.ZipFile, path: Path) -> None:
+        self._zf, self._path = zf, path
+
+    @contextlib.contextmanager
+    def member(self, name: str, shape: tuple[int, ...], dtype: Any) -> Iterator[Callable[[np.ndarray], None]]:
+        """Yield ``put(rows)``, which appends C-ordered rows of a ``shape`` array; the block must supply all of them."""
+        dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+        zi = zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE_TIME)
+        zi.compress_type, zi.external_attr = zipfile.ZIP_STORED, 0o644 << 16
+        rows = 0
+
+        def put(chunk: np.ndarray) -> None:
+            nonlocal rows
+            chunk = np.ascontiguousarray(chunk)
+            if chunk.dtype != dtype or chunk.shape[1:] != shape[1:] or rows + len(chunk) > shape[0]:
+                raise ValueError(f"{self._path}: {name}: got {chunk.dtype} rows {chunk.shape} after {rows} rows; the "
+                                 f"member is declared {dtype} {shape}")
+            f.write(memoryview(chunk).cast("B"))
+            rows += len(chunk)
+
+        with self._zf.open(zi, "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": shape})
+            yield put
+            if rows != shape[0]:
+                raise ValueError(f"{self._path}: {name}: {rows} of {shape[0]} rows written")
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """A whole (small) array of at least one dimension as one member."""
+        with self.member(name, array.shape, array.dtype) as put:
+            put(array)
+
+
+@contextlib.contextmanager
+def stream_npz(path: str | os.PathLike) -> Iterator[NpzStream]:
+    """Write an uncompressed npz (memory-mappable, like :func:`write_npz`'s) a chunk at a time, atomically.
+
+    Memory stays at one chunk whatever the array sizes; members are stored with fixed timestamps, so the bytes
+    depend on the arrays alone. ``np.load`` and ``load_npz(..., mmap=True)`` read the result."""
+    with atomic_path(path, suffix=".tmp.npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
+                                                                       allowZip64=True) as zf:
+        yield NpzStream(zf, Path(path))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ TABLES = ["points", "task_slopes", "correlations", "data_comparison", "compute_f
 rule task_stats:
     conda:
         CONDA_ENV
-    # Model-independent task characteristics (samples, class separability, compressibility, ...) for Figure F.
+    # Model-independent task characteristics (samples, class separability, compressibility, ...) for Figure F, and
+    # each task's val/test images equal to one of its train images (for the report).
     input:
         tasks=TASK_FILES,
     output:
@@ -30,6 +31,7 @@ rule aggregate:
     input:
         evals=eval_outputs(),
         stats="results/tables/task_stats.csv",
+        corpus=f"{CORPUS_DIR}/report.json",  # what the corpus left out (copies of val/test images), for the report
         mlflow=ancient(MLFLOW_INIT),
     output:
         summary="results/summary.csv",
@@ -50,4 +52,4 @@ rule aggregate:
         "Analysis: bootstrap intervals, scaling fits, figures and report from the MLflow runs"
     shell:
         "biovfm aggregate --evals {input.evals:q} --uri {params.uri:q} --study {params.study:q} "
-        "--task-stats {input.stats:q} --out results 2>&1 | tee {log:q}"
+        "--task-stats {input.stats:q} --corpus-report {input.corpus:q} --out results 2>&1 | tee {log:q}"

@@ -4,6 +4,7 @@ import json
 import os
 
 from biovfm import config as cfg
+from biovfm import devices
 from biovfm.data.medmnist import npz_name
 
 SIZE = config["data"]["image_size"]
@@ -82,20 +83,52 @@ AGGREGATE_OUTPUTS = [
 
 
 def on_slurm():
-    """In the SLURM executor or its job step (where sbatch/srun are built). Only there do pretraining jobs ask for the
-    GPUs of params' cluster.pretrain: a local run keeps `gpu` out of its scheduling unless asked
-    (--set-resources pretrain:gpu=1, with the local profile's `resources: gpu=1`)."""
+    """In the SLURM executor or its job step (where sbatch/srun are built)."""
     plugin = workflow.executor_plugin
     return plugin is not None and plugin.name in ("slurm", "slurm-jobstep")
 
 
-def pretrain_cluster(key, gpu_only=False):
-    """One resource of a pretraining job from params' cluster section, by model size (None: not set)."""
+# One job per GPU on a machine with GPUs: the `gpu` resource is limited to the visible GPUs (unless the command line
+# sets it, e.g. --resources gpu=1 to keep a GPU free), every GPU job asks for its GPUs, and `biovfm ... --gpus N`
+# claims that many free devices (CUDA_VISIBLE_DEVICES) when it starts. BIOVFM_GPUS=N (or ids "0,3") overrides the
+# count; BIOVFM_GPUS=0 runs everything on CPUs.
+LOCAL_GPUS = 0 if on_slurm() else len(devices.visible_gpus())
+if LOCAL_GPUS and "gpu" not in workflow.global_resources:
+    workflow.register_resource("gpu", LOCAL_GPUS)
+
+
+def gpu_job(rule, key):
+    """One resource of a pretraining or encoder-evaluation job, from params' cluster section by model size,
+    as params say (GPUs, partition, memory, time); locally the GPU count is at most the visible GPUs."""
 
     def get(wildcards):
-        res = cfg.cluster_resources(config, "pretrain", wildcards.model)
-        if gpu_only and not (on_slurm() and res["gpu"]):
+        res = cfg.cluster_resources(config, rule, wildcards.model)
+        if key == "gpu":
+            return res["gpu"] if on_slurm() else min(res["gpu"], LOCAL_GPUS)
+        if key in ("gpu_model", "cpus_per_gpu") and not (on_slurm() and res["gpu"]):
             return None
         return res[key]
 
     return get
+
+
+def gpu_job_threads(rule, cpu_threads):
+    """Threads of a job of a GPU rule: cpus_per_gpu per GPU it gets, else ``cpu_threads(wildcards)``."""
+
+    def get(wildcards):
+        gpus = gpu_job(rule, "gpu")(wildcards)
+        return gpus * config["cluster"]["cpus_per_gpu"] if gpus else cpu_threads(wildcards)
+
+    return get
+
+
+def pretrain_cpu_threads(wildcards):
+    """Threads of a CPU pretraining job: pretrain.threads, and at least one per process."""
+    t = cfg.train_settings(config, wildcards.method)
+    return max(t.threads, t.nproc)
+
+
+def gpu_job_resources(rule):
+    """The resources block of a GPU rule: partition, account, memory and time on SLURM; the GPU count everywhere."""
+    keys = ("slurm_partition", "slurm_account", "mem_mb", "runtime", "gpu", "gpu_model", "cpus_per_gpu")
+    return {k: gpu_job(rule, k) for k in keys}

@@ -12,16 +12,16 @@ rule evaluate:
     params:
         job=lambda w: eval_job(w, "pretrained"),
         tasks=lambda w, input: os.path.dirname(input.tasks[0]),
-    threads: config["evaluate"]["threads"]
+    threads: gpu_job_threads("evaluate", lambda w: config["evaluate"]["threads"])
     resources:
-        **cfg.cluster_resources(config, "evaluate"),  # SLURM only: partition, account, mem_mb, runtime
+        **gpu_job_resources("evaluate"),  # params' cluster.evaluate by model size (GPUs also locally)
     log:
         "results/logs/evaluate/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:
         "Linear probes of {wildcards.method} {wildcards.model} n{wildcards.n} on every task"
     shell:
         "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --checkpoint {input.checkpoint:q} "
-        "--threads {threads} --out {output.eval:q} 2>&1 | tee {log:q}"
+        "--threads {threads} --gpus {resources.gpu} --out {output.eval:q} 2>&1 | tee {log:q}"
 
 
 rule evaluate_random_init:
@@ -36,15 +36,16 @@ rule evaluate_random_init:
     params:
         job=lambda w: eval_job(w, "random_init"),
         tasks=lambda w, input: os.path.dirname(input.tasks[0]),
-    threads: config["evaluate"]["threads"]
+    threads: gpu_job_threads("evaluate_random_init", lambda w: config["evaluate"]["threads"])
     resources:
-        **cfg.cluster_resources(config, "evaluate_random_init"),  # SLURM only: partition, account, mem_mb, runtime
+        **gpu_job_resources("evaluate_random_init"),  # params' cluster.evaluate by model size (GPUs also locally)
     log:
         "results/logs/evaluate/random_{model}_s{seed}.log",
     message:
         "Linear probes of a random-init {wildcards.model} (seed {wildcards.seed})"
     shell:
-        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --out {output.eval:q} 2>&1 | tee {log:q}"
+        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --gpus {resources.gpu} "
+        "--out {output.eval:q} 2>&1 | tee {log:q}"
 
 
 rule evaluate_raw_pixels:

@@ -4,7 +4,8 @@ from biovfm.data import sources as corpus_sources
 rule preprocess_task:
     conda:
         CONDA_ENV
-    # One job per evaluation task (MedMNIST flag or custom task): validated, then resized to the study's size.
+    # One job per evaluation task (MedMNIST flag or custom task): validated, then resized to the study's size a chunk
+    # at a time into an uncompressed npz (memory-mapped by the evaluation).
     input:
         lambda w: raw_task(w.task),
     output:
@@ -35,8 +36,9 @@ CORPUS_INPUTS = [
 rule preprocess_corpus:
     conda:
         CONDA_ENV
-    # Streams every source into shards; fails on leakage or on too many unreadable files (then the report is
-    # left at data/processed/corpus.failed-report.json). Changes inside a user's folder are not tracked:
+    # Streams every source into shards; fails on too many unreadable files or on copies of val/test images in a
+    # source whose on_leak is fail (the medmnist kind drops its own and lists them); then the report is left at
+    # data/processed/corpus.failed-report.json. Changes inside a user's folder are not tracked:
     # snakemake --forcerun preprocess_corpus after adding files.
     input:
         sources=CORPUS_INPUTS,

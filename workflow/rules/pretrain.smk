@@ -31,23 +31,17 @@ rule pretrain:
         job=pretrain_job,
         out=subpath(output.run, parent=True),
         corpus=subpath(input.images, parent=True),
-    threads: lambda w: max(cfg.train_settings(config, w.method).threads, cfg.train_settings(config, w.method).nproc)
+    # a GPU job: cluster.cpus_per_gpu per GPU; a CPU job: its processes' threads
+    threads: gpu_job_threads("pretrain", pretrain_cpu_threads)
     resources:
-        # processes of this job (torchrun + DDP when > 1; 0 = one per visible GPU). In a SLURM job that got GPUs,
-        # `biovfm pretrain` runs one process per GPU of the job whatever this says.
+        # processes of a CPU job (torchrun + DDP when > 1). A job with GPUs runs one process per GPU it got.
         nproc=lambda w: cfg.train_settings(config, w.method).nproc,
-        # SLURM only (params' cluster section, by model size): partition, account, memory, time, GPUs
-        slurm_partition=pretrain_cluster("slurm_partition"),
-        slurm_account=pretrain_cluster("slurm_account"),
-        mem_mb=pretrain_cluster("mem_mb"),
-        runtime=pretrain_cluster("runtime"),
-        gpu=pretrain_cluster("gpu", gpu_only=True),
-        gpu_model=pretrain_cluster("gpu_model", gpu_only=True),
-        cpus_per_gpu=pretrain_cluster("cpus_per_gpu", gpu_only=True),
+        # params' cluster.pretrain by model size: GPUs (SLURM and local), partition, account, memory, time (SLURM)
+        **gpu_job_resources("pretrain"),
     log:
         "results/logs/pretrain/{method}_{model}_{modality}_n{n}_s{seed}.log",
     message:
         "Pretraining {wildcards.method} {wildcards.model} on {wildcards.n} {wildcards.modality} images (seed {wildcards.seed})"
     shell:
         "biovfm pretrain --job {params.job:q} --corpus {params.corpus:q} --threads {threads} --processes {resources.nproc} "
-        "--out {params.out:q} 2>&1 | tee {log:q}"
+        "--gpus {resources.gpu} --out {params.out:q} 2>&1 | tee {log:q}"

@@ -140,9 +140,11 @@ TABLES = ("task_slopes", "correlations", "data_comparison", "compute_frontier", 
 
 
 def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study: dict | None = None,
-              task_stats: str | Path | None = None, n_boot: int = N_BOOT) -> dict[str, Any]:
+              task_stats: str | Path | None = None, n_boot: int = N_BOOT,
+              corpus_report: str | Path | None = None) -> dict[str, Any]:
     """The aggregate stage: read, analyse, draw, report. ``study`` holds params' data.source,
-    data.image_size and modalities; eval.json files that do not exist are reported as missing."""
+    data.image_size and modalities; eval.json files that do not exist are reported as missing. The corpus
+    report (the preprocess stage's report.json) tells the report what the corpus left out."""
     from biovfm.analysis import report
 
     t0 = time.perf_counter()
@@ -168,7 +170,7 @@ def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study
     headline = headline_numbers(t["points"], t["fits"], t["recommendations"])
     headline["missing_evaluations"] = missing
     report.write_report(out / "report.html", headline=headline, tables=t, figures=figs, missing=missing, notes=notes,
-                        study=study)
+                        study=study, corpus=read_json(corpus_report) if corpus_report else None)
     write_json(out / "summary.json", headline)
     print(f"[aggregate] {len(runs)} evaluation runs ({len(missing)} missing), {len(summary)} rows, "
           f"{len(t['fits'])} fits in {time.perf_counter() - t0:.1f}s -> {out / 'report.html'}", flush=True)

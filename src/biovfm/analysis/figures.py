@@ -540,12 +540,12 @@ def plot_task_examples(task_npzs: list[str | os.PathLike], out_png: str | os.Pat
     fig = _new_figure((per_task * 0.9, len(task_npzs) * 1.0 + 0.4))
     axes = fig.subplots(len(task_npzs), per_task, squeeze=False)
     for row, path in zip(axes, task_npzs):
-        data = load_npz(path)
+        data = load_npz(path, mmap=True)  # only the images shown are read, however large the task
         flag = Path(path).stem.rsplit("_", 1)[0]
         for ax in row[len(data["train_images"]):]:  # a small custom task may have fewer training images
             ax.set_visible(False)
         for j, ax in enumerate(row[:len(data["train_images"])]):
-            im, lab = data["train_images"][j], data["train_labels"][j]
+            im, lab = np.array(data["train_images"][j]), data["train_labels"][j]
             ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

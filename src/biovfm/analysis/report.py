@@ -41,6 +41,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
 .note{color:#555;font-size:13px}.bad{color:#b00}figure{margin:1.5em 0}figcaption{font-size:13px;color:#444}"""
+LEAKED_SHOWN = 20  # corpus images left out as val/test copies listed in the report (report.json lists more)
 
 
 def _fmt(v: Any) -> str:
@@ -92,10 +93,44 @@ def _headline(points: pd.DataFrame, fits: pd.DataFrame) -> str:
                      left=("kind", "method", "model", "modality", "mean AUC ×100 [95% CI]")))
 
 
+def _leaked_list(corpus: dict) -> str:
+    """The corpus images left out because they equal a validation/test image (which file:split[i] equals which)."""
+    shown = [(f"{name}:{e['image']}", e["equals"]) for name, s in corpus["sources"].items()
+             for e in s.get("leaked_images", [])][:LEAKED_SHOWN]
+    if not shown:
+        return ""
+    more = corpus["leakage"]["val_test"] - len(shown)
+    return ("<p>Left out of the corpus as copies of evaluation images (validation/test):</p><ul class='note'>"
+            + "".join(f"<li><code>{html.escape(image)}</code> = <code>{html.escape(equals)}</code></li>"
+                      for image, equals in shown)
+            + (f"<li>and {more} more: data/processed/corpus/report.json lists them</li>" if more > 0 else "") + "</ul>")
+
+
+def _data_section(corpus: dict | None, stats: pd.DataFrame) -> str:
+    """What the corpus left out, and the evaluation tasks' own copies across splits (the probe trains on train)."""
+    parts = ["<h2>Data: the pretraining corpus and copies across splits</h2>"]
+    if corpus:
+        srcs = pd.DataFrame([{"source": n, "kind": s["kind"], "read": s["read"], "duplicates": s["duplicates"],
+                              "left out (val/test copies)": s["leaked"], "on_leak": s.get("on_leak", corpus["on_leak"]),
+                              "kept": s["kept"]} for n, s in corpus["sources"].items()])
+        parts.append(f"<p class='note'>{corpus['n_images']} pretraining images at {corpus['image_size']} px. Every "
+                     "image is checked against every split of every evaluation task: one equal to a validation/test "
+                     "image is never kept; duplicates are copies of an earlier corpus image.</p>"
+                     + _table(srcs, left=("source", "kind", "on_leak")) + _leaked_list(corpus))
+    copies = [c for c in ("val_in_train", "test_in_train") if c in stats.columns]
+    if copies:
+        parts.append("<p class='note'>Validation and test images pixel-identical to a train image of the same task "
+                     "(as the benchmark ships them; kept, so that results compare with published ones). The probe is "
+                     "trained on the train split, so it has seen these test images with their labels.</p>"
+                     + _table(stats[["task", "n_train", *copies]], left=("task",)))
+    return "".join(parts) if len(parts) > 1 else ""
+
+
 def write_report(path: str | Path, *, headline: dict, tables: dict[str, Any], figures: dict[str, Path],
-                 missing: list[str], notes: list[str], study: dict) -> Path:
-    """Write the report atomically from the analysis tables (:func:`biovfm.analysis.collect.analyse`);
-    figures are embedded (base64 PNG), so the file stands alone."""
+                 missing: list[str], notes: list[str], study: dict, corpus: dict | None = None) -> Path:
+    """Write the report atomically from the analysis tables (:func:`biovfm.analysis.collect.analyse`) and the
+    corpus report (``data/processed/corpus/report.json``, if given); figures are embedded (base64 PNG), so the
+    file stands alone."""
     points, fits, slopes = tables["points"].table, tables["fits"], tables["task_slopes"]
     correlations, data_comparison = tables["correlations"], tables["data_comparison"]
     recommendations, paper_comparison, paper_note = tables["recommendations"], tables["paper_comparison"], tables["paper_note"]
@@ -112,6 +147,7 @@ def write_report(path: str | Path, *, headline: dict, tables: dict[str, Any], fi
     if notes:
         parts.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     parts.append(_headline(points, fits))
+    parts.append(_data_section(corpus, tables["task_stats"]))
     for key, png in figures.items():
         title, caption = CAPTIONS.get(key, (key, ""))
         data = base64.b64encode(Path(png).read_bytes()).decode()

@@ -21,9 +21,14 @@ this project's, fixed and documented so that they are reproducible:
 * ``imbalance``: single-label tasks: largest / smallest class count on the train split, over the
   classes present there; multi-label tasks: largest / smallest per-label positive rate on train,
   over the labels with at least one positive. 1 = balanced.
+* ``val_in_train`` / ``test_in_train``: validation / test images pixel-identical to some train image
+  of the same task (MedMNIST ships a few). Not factors: they tell a reader that the probe, trained on
+  the train split, has seen those test images with their labels. Every image is hashed, streamed a
+  chunk at a time.
 
 Images are read lazily: uncompressed npz members (the MedMNIST layout) are memory-mapped, so only
-the sampled images of a 224 px task are read.
+the sampled images of a 224 px task are read for the factors; the copy counts stream every image
+through a chunked reader, never holding a split in memory.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import gzip
 import re
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,9 +48,10 @@ PCA_DIMS = 32
 GZIP_LEVEL = 9
 MAX_COMPRESS_IMAGES = 1000
 _CHUNK = 64  # images per vectorised block
+HASH_CHUNK = 1024  # images per read when hashing a split
 
 STATS_COLUMNS = ["task", "n_samples", "n_train", "n_classes", "label_type", "modality", "image_size", "dbi",
-                 "gzip_median", "pixel_entropy", "imbalance"]
+                 "gzip_median", "pixel_entropy", "imbalance", "val_in_train", "test_in_train"]
 NUMERIC_FACTORS = ("n_samples", "dbi", "n_classes", "gzip_median", "pixel_entropy", "imbalance")
 CATEGORICAL_FACTORS = ("modality", "label_type")
 CORRELATION_COLUMNS = ["method", "factor", "kind", "r", "p", "n", "note"]
@@ -169,6 +176,22 @@ def _imbalance(train_labels: np.ndarray, info: TaskInfo) -> float:
     return float(counts.max() / counts.min())
 
 
+def _split_hashes(path: Path, split: str) -> Iterator[bytes]:
+    """Content hash of every image of one split, read a chunk at a time (stored or deflated members alike)."""
+    from biovfm.data.sources import iter_npz_rows
+    from biovfm.data.store import content_hash
+
+    for _, rows in iter_npz_rows(path, f"{split}_images", HASH_CHUNK, "evaluation task"):
+        for im in rows:
+            yield bytes.fromhex(content_hash(im))
+
+
+def copies_of_train(path: str | Path) -> dict[str, int]:
+    """``val_in_train`` and ``test_in_train``: held-out images equal to a train image of the same task."""
+    train = set(_split_hashes(Path(path), "train"))
+    return {f"{s}_in_train": sum(h in train for h in _split_hashes(Path(path), s)) for s in ("val", "test")}
+
+
 def _subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.arange(n) if n <= k else np.sort(rng.choice(n, size=k, replace=False))
 
@@ -216,6 +239,7 @@ def task_characteristics(path: str | Path, info: TaskInfo, max_images: int = 200
         "gzip_median": r6(gzip_median),
         "pixel_entropy": r6(entropy),
         "imbalance": r6(_imbalance(data["train_labels"], info)),
+        **copies_of_train(path),
     }
 
 

@@ -11,10 +11,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from biovfm.data import store
-from biovfm.data.medmnist import SPLITS, TaskInfo, load_npz, task_info, validate_arrays
-from biovfm.data.sources import (Source, SourceError, UnitResult, convert_unit, iter_npz_rows, iter_units, resize_bicubic,
-                                 source_from_dict, source_inputs)
-from biovfm.io import atomic_dir, write_json, write_npz
+from biovfm.data.medmnist import SPLITS, TaskInfo, load_npz, task_info
+from biovfm.data.sources import (ON_LEAK, Source, SourceError, UnitResult, convert_unit, iter_npz_rows, iter_units,
+                                 resize_bicubic, source_from_dict, source_inputs)
+from biovfm.io import atomic_dir, stream_npz, write_json
+
+
+TASK_CHUNK = 1024  # images resized at a time by preprocess_task
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -29,19 +32,35 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def preprocess_task(raw_npz: str | Path, out_npz: str | Path, task: str | TaskInfo, size: int) -> None:
-    """Validate a task file (MedMNIST flag or a custom task's TaskInfo) and resize every split to ``size``."""
+def preprocess_task(raw_npz: str | Path, out_npz: str | Path, task: str | TaskInfo, size: int,
+                    chunk: int = TASK_CHUNK) -> None:
+    """Validate a task file (MedMNIST flag or a custom task's TaskInfo) and resize every split to ``size``.
+
+    Streams: ``chunk`` images at a time are read (stored or deflated members alike), resized and appended to an
+    uncompressed npz that the evaluation stage memory-maps, so memory is bounded by the chunk, not the task
+    (PathMNIST-224 holds ~16 GB of pixels). The output's bytes depend on the arrays alone."""
     info = task if isinstance(task, TaskInfo) else task_info(task)
-    data = load_npz(raw_npz, info)
-    for split in SPLITS:
-        data[f"{split}_images"] = resize_images(data[f"{split}_images"], size)
-    validate_arrays(data, out_npz, info)
-    write_npz(out_npz, **data)
+    labels, shapes = _validated_layout(raw_npz, info)
+    with stream_npz(out_npz) as out:
+        for split in SPLITS:
+            key = f"{split}_images"
+            n, _, _, *channels = shapes[key]
+            with out.member(key, (n, size, size, *channels), np.uint8) as put:
+                for _, rows in iter_npz_rows(raw_npz, key, chunk, f"task {info.flag}"):
+                    put(resize_images(rows, size))
+            out.add(f"{split}_labels", labels[f"{split}_labels"])
+
+
+def _validated_layout(raw_npz: str | Path, info: TaskInfo) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+    """The task's labels and image shapes, checked by the one validator (:func:`load_npz`); uncompressed images
+    (MedMNIST's files) are memory-mapped there, so no pixel is read (a deflated member is, once, then let go)."""
+    data = load_npz(raw_npz, info, mmap=True)
+    return ({k: v for k, v in data.items() if k.endswith("_labels")},
+            {k: v.shape for k, v in data.items() if k.endswith("_images")})
 
 
 # --------------------------------------------------------------------------------------------- the corpus
-ON_LEAK = ("fail", "drop")
-MAX_LISTED = 1000  # skipped files listed per source in the report (all of them are counted)
+MAX_LISTED = 1000  # skipped files (and images left out as evaluation copies) listed per source in the report
 LEAK_EXAMPLES = 5
 UNITS_PER_TASK = 8  # units sent to a worker at once (files, or npz chunks of NPZ_CHUNK rows)
 
@@ -57,6 +76,7 @@ class SourceStats:
     kind: str
     license: str
     inputs: list[str]
+    on_leak: str  # the source's policy for val/test copies: fail | drop
     files: int = 0  # files, or npz rows
     read: int = 0  # images (frames, slices) converted
     skipped: int = 0
@@ -65,7 +85,8 @@ class SourceStats:
     ignored: int = 0  # files of other formats in a walked folder
     blank: int = 0  # constant frames/slices dropped
     duplicates: int = 0  # identical to an earlier image (this or an earlier source)
-    leaked: int = 0  # identical to a validation/test image of an evaluation task
+    leaked: int = 0  # identical to a validation/test image of an evaluation task (never kept)
+    leaked_images: list[dict[str, str]] = field(default_factory=list)  # {image: origin, equals: "file:split[i]"}
     train_overlap: int = 0  # identical to a train image of an evaluation task (kept)
     kept: int = 0
     by_modality: dict[str, int] = field(default_factory=dict)
@@ -76,6 +97,11 @@ class SourceStats:
         room = MAX_LISTED - len(self.skipped_files)
         self.skipped_files.extend(skips[: max(room, 0)])
 
+    def add_leak(self, origin: str, where: str) -> None:
+        self.leaked += 1
+        if len(self.leaked_images) < MAX_LISTED:
+            self.leaked_images.append({"image": origin, "equals": where})
+
 
 def preprocess_corpus(sources: list[dict[str, Any] | Source], out_dir: str | Path, size: int,
                       task_npzs: list[str | Path] = (), *, workers: int = 1, shard_size: int = store.DEFAULT_SHARD_SIZE,
@@ -83,7 +109,8 @@ def preprocess_corpus(sources: list[dict[str, Any] | Source], out_dir: str | Pat
     """Stream every source into a sharded store (dedup, leakage check, per-source report), atomically.
 
     Fails (nothing written but ``<out>.failed-report.json``) when a source has more than ``max_bad_fraction``
-    unreadable files, or, with ``on_leak='fail'``, when an image equals a validation/test image of a task."""
+    unreadable files, or when an image equals a validation/test image of a task and the source's ``on_leak`` (else
+    ``on_leak``, the corpus default) is ``fail``. With ``drop`` such images are left out and listed in the report."""
     srcs = [s if isinstance(s, Source) else source_from_dict(s, data) for s in sources]
     if not srcs:
         raise SourceError("corpus.sources is empty; declare at least one source")
@@ -95,7 +122,7 @@ def preprocess_corpus(sources: list[dict[str, Any] | Source], out_dir: str | Pat
     evals = evaluation_hashes(task_npzs)
     out = Path(out_dir)
     failed = failed_report_path(out)
-    stats = {i: SourceStats(s.kind, s.license, source_inputs(s)) for i, s in enumerate(srcs)}
+    stats = {i: SourceStats(s.kind, s.license, source_inputs(s), s.leak_policy(on_leak)) for i, s in enumerate(srcs)}
     ignored: dict[str, int] = {}
     leaks: list[str] = []
     with atomic_dir(out) as tmp:
@@ -116,7 +143,7 @@ def preprocess_corpus(sources: list[dict[str, Any] | Source], out_dir: str | Pat
                 seen.add(key)
                 split, where = evals.get(h, ("", ""))
                 if split in ("val", "test"):
-                    st.leaked += 1
+                    st.add_leak(origin, where)
                     if len(leaks) < LEAK_EXAMPLES:
                         leaks.append(f"{src.name}:{origin} = {where}")
                     continue
@@ -133,7 +160,7 @@ def preprocess_corpus(sources: list[dict[str, Any] | Source], out_dir: str | Pat
             stats[i].ignored = ignored.get(s.name, 0)
         report = corpus_report(srcs, stats, manifest, evals, leaks, task_npzs, size, workers,
                                time.perf_counter() - t0, on_leak, max_bad_fraction)
-        if problems := corpus_problems(srcs, stats, report, max_bad_fraction, on_leak):
+        if problems := corpus_problems(srcs, stats, report, max_bad_fraction):
             write_json(failed, report)
             raise CorpusError("\n".join(problems) + f"\nThe full report (paths and reasons): {failed}")
         write_json(tmp / store.REPORT, report)
@@ -199,6 +226,7 @@ def corpus_report(srcs: list[Source], stats: dict[int, SourceStats], manifest: d
     for i, s in enumerate(srcs):
         d = asdict(stats[i])
         d["skipped_files_omitted"] = stats[i].skipped - len(stats[i].skipped_files)
+        d["leaked_images_omitted"] = stats[i].leaked - len(stats[i].leaked_images)
         per_source[s.name] = d
     read = sum(st.read for st in stats.values())
     return {
@@ -213,8 +241,8 @@ def corpus_report(srcs: list[Source], stats: dict[int, SourceStats], manifest: d
     }
 
 
-def corpus_problems(srcs: list[Source], stats: dict[int, SourceStats], report: dict, max_bad_fraction: float,
-                    on_leak: str) -> list[str]:
+def corpus_problems(srcs: list[Source], stats: dict[int, SourceStats], report: dict,
+                    max_bad_fraction: float) -> list[str]:
     """Reasons to refuse the corpus (empty sources, too many bad files, leakage); prints the warnings."""
     problems = []
     for i, s in enumerate(srcs):
@@ -228,14 +256,16 @@ def corpus_problems(srcs: list[Source], stats: dict[int, SourceStats], report: d
         if st.train_overlap and s.kind != "medmnist":
             print(f"[preprocess] warning: {s.where}: {st.train_overlap} images equal train images of an evaluation "
                   "task (kept: pretraining may see probe-training images, never val/test ones)", flush=True)
-    leaked = report["leakage"]["val_test"]
-    if leaked and on_leak == "fail":
-        problems.append(f"{leaked} corpus images are identical to evaluation images (validation/test splits), e.g. "
-                        f"{'; '.join(report['leakage']['examples'])}; the corpus must not contain them: remove them "
-                        "from the sources (or set corpus.on_leak: drop to leave them out)")
-    elif leaked:
-        print(f"[preprocess] {leaked} corpus images equal validation/test images and were left out (on_leak: drop)",
-              flush=True)
+        if not st.leaked:
+            continue
+        examples = "; ".join(f"{s.name}:{e['image']} = {e['equals']}" for e in st.leaked_images[:LEAK_EXAMPLES])
+        if st.on_leak == "fail":
+            problems.append(f"{s.where}: {st.leaked} corpus images are identical to evaluation images (validation/test "
+                            f"splits), e.g. {examples}; the corpus must not contain them: remove them from the source "
+                            "(or set on_leak: drop for this source, or corpus.on_leak: drop, to leave them out)")
+        else:
+            print(f"[preprocess] {s.where}: {st.leaked} images equal validation/test images and were left out "
+                  f"(on_leak: drop), e.g. {examples}", flush=True)
     if not problems and report["n_images"] == 0:
         problems.append("the corpus is empty: every image was a duplicate, blank or left out")
     return problems
@@ -271,9 +301,13 @@ def log_corpus_report(report: dict, report_path: str | Path, uri: str, experimen
     try:
         params = {"image_size": report["image_size"], "shard_size": report["shard_size"], "on_leak": report["on_leak"],
                   "max_bad_fraction": report["max_bad_fraction"],
-                  "sources": {n: {"kind": s["kind"], "license": s["license"], "inputs": ", ".join(s["inputs"])}
+                  "sources": {n: {"kind": s["kind"], "license": s["license"], "inputs": ", ".join(s["inputs"]),
+                                  **({"on_leak": s["on_leak"]} if "on_leak" in s else {})}  # older reports lack it
                               for n, s in report["sources"].items()}}
-        run = tracking.Run(uri, experiment, name="preprocess/corpus", tags={"stage": "preprocess"}, params=params)
+        tags = {"stage": "preprocess"}
+        if examples := report["leakage"]["examples"]:  # the images left out as copies of val/test images
+            tags["leaked_examples"] = "; ".join(examples)
+        run = tracking.Run(uri, experiment, name="preprocess/corpus", tags=tags, params=params)
         metrics = {"n_images": report["n_images"], "seconds": report["seconds"],
                    "images_per_second": report["images_per_second"], "leaked": report["leakage"]["val_test"],
                    "train_overlap": report["leakage"]["train"]}

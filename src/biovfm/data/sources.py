@@ -33,6 +33,10 @@ import numpy as np
 from biovfm.data.medmnist import MODALITIES, TASKS
 
 KINDS = ("synthetic", "medmnist", "folder", "dicom", "nifti", "manifest")
+# What an image equal to a validation/test image of an evaluation task does: fail the stage, or be left out. The
+# benchmark's own train splits (kind medmnist) hold such copies as published, so they drop them by default.
+ON_LEAK = ("fail", "drop")
+DEFAULT_ON_LEAK = {"medmnist": "drop"}  # other kinds: the corpus' on_leak
 # The nine task modalities plus those real corpora add (BioVFM-21M has MR, endoscopy, nuclear medicine, OCTA).
 CORPUS_MODALITIES = tuple(sorted(set(MODALITIES) | {"endoscopy", "mr", "nm", "octa"}))
 ALIASES = {
@@ -92,10 +96,15 @@ class Source:
     allow_absolute: bool = False
     path_column: str = "path"
     modality_column: str = "modality"
+    on_leak: str = ""  # fail | drop; "" = the corpus' on_leak
 
     @property
     def where(self) -> str:
         return f"corpus source {self.name!r} ({self.kind})"
+
+    def leak_policy(self, corpus_on_leak: str) -> str:
+        """What this source does with an image equal to a validation/test image: its own setting, else the corpus'."""
+        return self.on_leak or corpus_on_leak
 
 
 def normalize_modality(value: Any, where: str) -> str:
@@ -126,6 +135,10 @@ def source_from_dict(d: dict[str, Any], data: dict[str, Any] | None = None) -> S
         raise SourceError(f"{where}: unknown key(s) {unknown}")
     if kind not in KINDS:
         raise SourceError(f"corpus source {name!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind in DEFAULT_ON_LEAK:
+        d.setdefault("on_leak", DEFAULT_ON_LEAK[kind])
+    if d.get("on_leak", "") not in ("", *ON_LEAK):
+        raise SourceError(f"{where}: on_leak {d['on_leak']!r}: use one of {', '.join(ON_LEAK)}")
     for key in ("flags", "clip_percentiles", "axes"):
         if key in d:
             d[key] = tuple(d[key])

@@ -12,7 +12,7 @@ import torch
 from biovfm import tracking
 from biovfm.config import EvalJob
 from biovfm.data.medmnist import SPLITS, load_npz
-from biovfm.evaluate.features import encoder_features, load_encoder, raw_pixel_features
+from biovfm.evaluate.features import Progress, encoder_features, load_encoder, raw_pixel_features
 from biovfm.evaluate.probe import ProbeConfig, fit_probe
 from biovfm.evaluate.scores import write_scores
 from biovfm.io import read_json, write_json
@@ -37,6 +37,14 @@ def _encoder_and_meta(job: EvalJob, checkpoint: str | Path | None) -> tuple[torc
                  "flops_per_image": count_flops_per_image(enc, job.image_size), "images_seen": 0, "train_steps": 0}
 
 
+def split_features(encoder: torch.nn.Module | None, images: np.ndarray, batch_size: int, label: str) -> np.ndarray:
+    """Features of one split (raw pixels without an encoder), streamed from ``images`` with progress."""
+    with Progress(label, len(images)) as progress:
+        if encoder is None:
+            return raw_pixel_features(images, batch_size, progress)
+        return encoder_features(encoder, images, batch_size, progress)
+
+
 def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
@@ -48,10 +56,10 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the aggregate stage bootstraps the test set from them
     for info in job.task_infos():  # MedMNIST tasks and the user's custom tasks alike
         flag = info.flag
-        data = load_npz(task_path(tasks_dir, flag, job.image_size), info)
+        data = load_npz(task_path(tasks_dir, flag, job.image_size), info, mmap=True)  # images read a batch at a time
         tf = time.perf_counter()
-        feats = {s: (raw_pixel_features(data[f"{s}_images"]) if encoder is None
-                     else encoder_features(encoder, data[f"{s}_images"], job.batch_size)) for s in SPLITS}
+        feats = {s: split_features(encoder, data[f"{s}_images"], job.batch_size, f"[evaluate] {job.run_id} {flag} {s}")
+                 for s in SPLITS}
         t_feat = time.perf_counter() - tf
         res = fit_probe(feats, {s: data[f"{s}_labels"] for s in SPLITS}, info, probe_cfg, seed=job.seed)
         scores[flag] = (res.test_scores, data["test_labels"])

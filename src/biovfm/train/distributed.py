@@ -68,11 +68,13 @@ def launched_as_world() -> bool:
     return launched_by_torchrun() or slurm_world_env() is not None
 
 
-def resolve_nproc(requested: int, env: Mapping[str, str] | None = None, visible_gpus: int | None = None) -> int:
+def resolve_nproc(requested: int, env: Mapping[str, str] | None = None, visible_gpus: int | None = None,
+                  gpus: int = 0) -> int:
     """The number of processes of a pretraining job.
 
     - one of N SLURM tasks or a torchrun process: the world it is part of;
-    - a SLURM job (step) that got GPUs: one process per GPU it got, whatever ``requested`` says;
+    - a job that got GPUs (from SLURM, or ``gpus`` claimed on this machine): one process per GPU, whatever
+      ``requested`` says;
     - ``requested`` 0: one per visible GPU (at least 1);
     - else ``requested``.
     """
@@ -82,12 +84,12 @@ def resolve_nproc(requested: int, env: Mapping[str, str] | None = None, visible_
     world = slurm_world_env(env)
     if world is not None:
         return int(world["WORLD_SIZE"])
-    gpus = slurm_job_gpus(env)
-    if gpus:
-        if requested not in (0, gpus):
-            print(f"[pretrain] the SLURM job got {gpus} GPU(s): {gpus} processes, one per GPU (not {requested}); "
+    got = slurm_job_gpus(env) or gpus
+    if got:
+        if requested not in (0, got):
+            print(f"[pretrain] the job got {got} GPU(s): {got} processes, one per GPU (not {requested}); "
                   "set the GPUs per model size in params' cluster.pretrain", file=sys.stderr, flush=True)
-        return gpus
+        return got
     if requested == 0:
         if visible_gpus is None:
             visible_gpus = torch.cuda.device_count()
@@ -95,19 +97,30 @@ def resolve_nproc(requested: int, env: Mapping[str, str] | None = None, visible_
     return requested
 
 
+def backend_for(device_type: str) -> str:
+    """The process group's backend: gloo on CPU; on GPUs NCCL for CUDA tensors *and* gloo for CPU ones, so that a
+    collective on a CPU tensor (a count, a flag) works on a GPU job too instead of failing at the first step."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+_DEVICE_TYPE = "cpu"  # the device type of this process's world (set by init_world)
+
+
 def init_world(device_type: str) -> World:
-    """Join the process group torchrun or ``srun -n N`` set up (gloo on CPU, nccl on GPU); a plain process is a
-    world of one."""
+    """Join the process group torchrun or ``srun -n N`` set up (:func:`backend_for`); a plain process is a world
+    of one. On GPUs each process uses the GPU of its local rank."""
+    global _DEVICE_TYPE
+    _DEVICE_TYPE = device_type
     slurm = slurm_world_env()
     if slurm is not None:
         os.environ.update(slurm)  # env:// rendezvous below reads them
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device_type))
     return world
 
 
@@ -120,15 +133,25 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _check_device(t: torch.Tensor) -> None:
+    """Collectives run on the world's device: a CPU tensor in a GPU job would be a silent host round trip (or,
+    with an NCCL-only group, a crash), so it is a bug in the caller, named here."""
+    if t.device.type != _DEVICE_TYPE:
+        raise RuntimeError(f"collective on a {t.device.type} tensor in a {_DEVICE_TYPE} world: create it on the "
+                           "engine's device")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; the identity in a single process."""
     if active():
+        _check_device(t)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if active():
+        _check_device(t)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t

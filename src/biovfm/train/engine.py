@@ -30,8 +30,10 @@ from biovfm.io import write_json, write_text
 from biovfm.methods import build_method
 from biovfm.methods.base import Method, StepContext
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
+from biovfm.progress import format_duration
 from biovfm.train import distributed
 from biovfm.train.checkpoint import clear_states, load_state, save_encoder, save_state
+from biovfm.train.loader import BatchStream, micro_batch, read_batch
 from biovfm.train.optim import param_groups
 from biovfm.train.schedule import cosine, warmup_cosine
 
@@ -40,29 +42,8 @@ CHECKPOINT = "checkpoint.safetensors"
 RUNTIME_ONLY = ("threads", "nproc", "checkpoint_every", "log_every", "compile")
 
 
-def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
-    """Sampling without replacement, epoch by epoch, as a pure function of (seed, step): resuming needs no sampler state."""
-    start = step * batch
-    pos = torch.arange(start, start + batch)
-    epochs = pos // n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-        sel = epochs == e
-        out[sel] = perm[pos[sel] % n]
-    return out
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 1) * 7_919_993 + step)
-
-
-def micro_batch(batch: int, world: int, accum: int) -> int:
-    """Samples per forward pass on one process; the global batch must split evenly."""
-    if batch % (world * accum):
-        raise ValueError(f"pretrain.batch_size={batch} does not split into {world} processes x {accum} accumulation steps; "
-                         "pick a batch size divisible by their product")
-    return batch // (world * accum)
 
 
 def fingerprint(job: PretrainJob) -> str:
@@ -136,13 +117,12 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
     torch.set_num_threads(t.threads)
     torch.manual_seed(job.seed)
     store = load_store(corpus_dir)
-    idx = store.subset(job.modality_sources, job.data_size, seed=job.seed)
-    images = torch.from_numpy(np.ascontiguousarray(store.images[idx])).permute(0, 3, 1, 2).contiguous()
+    idx = store.subset(job.modality_sources, job.data_size, seed=job.seed)  # rows of the memory-mapped shards
     encoder = build_encoder(job.model, job.image_size, job.in_chans)
     method = build_method(job.method, encoder, job.method_cfg, job.image_size, job.in_chans).to(device)
     opt = torch.optim.AdamW(param_groups(method, t.weight_decay, t.layer_decay), lr=t.lr, betas=tuple(t.betas))
     fp = fingerprint(job)
-    flops_train = train_flops_per_image(method, images[:2].to(device), job.seed)
+    flops_train = train_flops_per_image(method, read_batch(store.images, idx[:2]).to(device), job.seed)
     flops_fwd = count_flops_per_image(encoder, job.image_size, job.in_chans)
 
     history: list[dict[str, float]] = []
@@ -169,20 +149,39 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
                            params=asdict(job), run_id=mlflow_id, key=tracking.job_key("pretrain", job.run_id, fp),
                            record=tracking.record_path(out),  # replayable by `biovfm mlflow-import`
                            series={"file": "history.csv", "step": "step", "exclude": ["images_seen"]})
+    t0 = time.perf_counter()
+    stream = BatchStream(store.images, idx, t.batch_size, job.seed, world.rank, t.grad_accum, mb, start, t.steps,
+                         pin=device.type == "cuda")
+    try:
+        _train_steps(job, method, model, opt, stream, device, world, run, history, fp, out, start,
+                     elapsed_before, t0, log)
+    finally:
+        stream.close()
+    if not world.is_main:
+        return None
+    return _finish(job, out, method, encoder, history, run, idx, fp, start, elapsed_before, t0, device, world,
+                   flops_fwd, flops_train)
+
+
+def _train_steps(job: PretrainJob, method: Method, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 stream: BatchStream, device: torch.device, world: distributed.World, run: tracking.Run | None,
+                 history: list[dict[str, float]], fp: str, out: Path, start: int, elapsed_before: float, t0: float,
+                 log) -> None:
+    """Steps ``[start, steps)``: forward/backward per micro-batch, one optimizer step, logging and checkpoints."""
+    t = job.train
+    pending: list[tuple[int, dict[str, float]]] = []
+    mb = t.batch_size // (world.size * t.grad_accum)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     trainable = [p for p in method.parameters() if p.requires_grad]
     method.train()
-    t0 = time.perf_counter()
-    pending: list[tuple[int, dict[str, float]]] = []
-    for step in range(start, t.steps):
+    for step, batches in stream:
         lr, wd = set_schedules(opt, t, step)
-        batch_idx = batch_indices(len(images), t.batch_size, step, job.seed)
         scratch: dict[str, Any] = {}  # shared by the step's micro-batches (e.g. DINO's centre sums)
         sums: dict[str, float] = {}
-        for k in range(t.grad_accum):
+        for k, images in enumerate(batches):
             lo = (world.rank * t.grad_accum + k) * mb
             ctx = StepContext(step_generator(job.seed, step), t.batch_size, lo, lo + mb, step, t.steps, scratch)
-            batch = images[batch_idx[lo:lo + mb]].to(device, non_blocking=True)
+            batch = images.to(device, non_blocking=True)
             sync = k == t.grad_accum - 1 or world.size == 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with autocast:
@@ -195,7 +194,8 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
         opt.step()
         opt.zero_grad(set_to_none=True)
         method.on_step_end(ctx)
-        stats = distributed.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64))
+        # on the engine's device: NCCL reduces CUDA tensors only
+        stats = distributed.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64, device=device))
         row = {"step": step + 1, **dict(zip(sums, stats.tolist())), "lr": lr, "weight_decay": wd,
                "grad_norm": float(grad_norm), "images_seen": (step + 1) * t.batch_size}
         history.append(row)
@@ -204,21 +204,20 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
         if not world.is_main:
             continue
         if done % t.log_every == 0 or done == t.steps:
-            rate = (done - start) * t.batch_size / (time.perf_counter() - t0)
-            log(f"[pretrain] {job.run_id}: step {done}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s", flush=True)
+            elapsed = time.perf_counter() - t0
+            rate = (done - start) * t.batch_size / elapsed
+            eta = elapsed / (done - start) * (t.steps - done)
+            log(f"[pretrain] {job.run_id}: step {done}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s, "
+                f"elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}", flush=True)
             run.log_series(pending)
-            pending = []
+            pending.clear()
         if done % t.checkpoint_every == 0 and done < t.steps:
             run.log_series(pending)  # what a resumed job will not replay
-            pending = []
+            pending.clear()
             save_state(out, {"run_id": job.run_id, "fingerprint": fp, "step": done, "model": method.state_dict(),
                              "optimizer": opt.state_dict(), "rng": rng_states(device),
                              "schedule": {"lr": lr, "weight_decay": wd}, "history": json.dumps(history),
                              "mlflow_run_id": run.run_id, "elapsed": elapsed_before + time.perf_counter() - t0})
-    if not world.is_main:
-        return None
-    return _finish(job, out, method, encoder, history, run, idx, fp, start, elapsed_before, t0, device, world,
-                   flops_fwd, flops_train)
 
 
 def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Module, history: list[dict[str, float]],
