@@ -13,7 +13,8 @@ from biovfm.config import eval_job, validate_params
 from biovfm.data.preprocess import resize_images
 from biovfm.data.synthetic import generate_task
 from biovfm.evaluate import job as eval_module
-from biovfm.evaluate.features import Progress, encoder_features, progress_line, raw_pixel_features
+from biovfm.evaluate.features import encoder_features, raw_pixel_features
+from biovfm.progress import Progress, progress_line
 from biovfm.evaluate.probe import LN_EPS, layer_norm
 from biovfm.io import read_json, write_npz
 from biovfm.models.vit import build_encoder

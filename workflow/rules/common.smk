@@ -33,7 +33,7 @@ CONDA_ENV = "../../envs/biovfm.yaml"  # for sites that deploy with conda (snakem
 MLFLOW_INIT = "results/mlflow_init.json"
 
 CODE_PRETRAIN = cfg.code_version("models", "methods", "train", "data/store.py", "config.py")
-CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "config.py")
+CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "data/preprocess.py", "config.py")
 
 
 wildcard_constraints:

@@ -7,75 +7,34 @@ the features (at most a few thousand floats per image), never an image-sized cop
 from __future__ import annotations
 
 import itertools
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from biovfm.config import ModelSpec
 from biovfm.data.preprocess import resize_images
 from biovfm.models.vit import build_encoder, patch_features
-from biovfm.progress import format_duration
+from biovfm.progress import Progress
 from biovfm.train.augment import normalize
 
 RAW_PIXEL_SIZE = 28  # side of the raw-pixel baseline's images: at most 28 * 28 * 3 = 2352 features at any study size
-LOG_EVERY_S = 30.0  # seconds between plain progress lines when stderr is not a terminal
 
 
-class Progress:
-    """Images done of one split: a tqdm bar on a terminal, else a plain line every ``every_s`` seconds.
-
-    A split that takes less than ``every_s`` prints nothing (the default study has hundreds of small splits);
-    a long one says how far it is, how fast and how long is left. Progress never touches the features."""
-
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, every_s: float = LOG_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.label, self.total, self.every_s, self.clock = label, total, every_s, clock
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.start = self.last = clock()
-        tty = self.stream.isatty()
-        self.bar = tqdm(total=total, desc=label, unit="img", file=self.stream, leave=False) if tty else None
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = self.clock()
-        if now - self.last >= self.every_s or (self.done >= self.total and self.last > self.start):
-            self.last = now
-            print(progress_line(self.label, self.done, self.total, now - self.start), file=self.stream, flush=True)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def progress_line(label: str, done: int, total: int, elapsed_s: float) -> str:
-    """``<label>: 12,288/90,000 images, 410 img/s, ETA 3m40s``."""
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else 0.0
-    return f"{label}: {done:,}/{total:,} images, {rate:,.0f} img/s, ETA {format_duration(eta)}"
+Allocate = Callable[[tuple[int, int]], np.ndarray]  # an N x D float32 array to fill (in memory, or a mapped file)
 
 
 def batched_features(images: np.ndarray, batch_fn: Callable[[np.ndarray], np.ndarray], batch_size: int,
-                     progress: Progress | None = None) -> np.ndarray:
-    """``batch_fn`` over ``images[i:i + batch_size]``, written into one N x D float32 matrix."""
+                     progress: Progress | None = None, allocate: Allocate | None = None) -> np.ndarray:
+    """``batch_fn`` over ``images[i:i + batch_size]``, written into one N x D float32 matrix from ``allocate``."""
     if len(images) == 0:
         raise ValueError("no images to extract features from")
     batches = (batch_fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
     first = next(batches)
-    out = np.empty((len(images), first.shape[1]), np.float32)
+    shape = (len(images), first.shape[1])
+    out = np.empty(shape, np.float32) if allocate is None else allocate(shape)
     start = 0
     for f in itertools.chain([first], batches):
         out[start:start + len(f)] = f
@@ -108,7 +67,7 @@ def load_encoder(path: str | Path, spec: ModelSpec, image_size: int, in_chans: i
 
 @torch.no_grad()
 def encoder_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: int = 256,
-                     progress: Progress | None = None) -> np.ndarray:
+                     progress: Progress | None = None, allocate: Allocate | None = None) -> np.ndarray:
     """The paper's frozen features (mean patch token) of every image, ``batch_size`` images at a time."""
     in_chans = encoder.patch_embed.proj.in_channels
     device = encoder.pos_embed.device
@@ -116,10 +75,11 @@ def encoder_features(encoder: torch.nn.Module, images: np.ndarray, batch_size: i
     def batch(x: np.ndarray) -> np.ndarray:
         return patch_features(encoder, normalize(to_nchw(x, in_chans).to(device))).cpu().numpy()
 
-    return batched_features(images, batch, batch_size, progress)
+    return batched_features(images, batch, batch_size, progress, allocate)
 
 
-def raw_pixel_features(images: np.ndarray, batch_size: int = 256, progress: Progress | None = None) -> np.ndarray:
+def raw_pixel_features(images: np.ndarray, batch_size: int = 256, progress: Progress | None = None,
+                       allocate: Allocate | None = None) -> np.ndarray:
     """The raw-pixel baseline: each image resized to 28 px (PIL bicubic, the resize that made the tasks; identity
     at 28 px and below), flattened and scaled to [0, 1] (the probe standardises them).
 
@@ -131,4 +91,13 @@ def raw_pixel_features(images: np.ndarray, batch_size: int = 256, progress: Prog
     def batch(x: np.ndarray) -> np.ndarray:
         return resize_images(x, side).reshape(len(x), -1).astype(np.float32) / 255.0
 
-    return batched_features(images, batch, batch_size, progress)
+    return batched_features(images, batch, batch_size, progress, allocate)
+
+
+def file_allocator(folder: str | Path, name: str) -> Allocate:
+    """Features in a memory-mapped ``.npy`` file: their pages are the page cache's (reclaimable), not the job's
+    memory, so a task of 10^6 images costs the job no more memory than one of 10^4."""
+    def allocate(shape: tuple[int, int]) -> np.ndarray:
+        return np.lib.format.open_memmap(Path(folder) / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+
+    return allocate

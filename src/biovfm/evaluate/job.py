@@ -1,6 +1,7 @@
 """The evaluate stage: one job per checkpoint (or baseline), all tasks inside it, features extracted once."""
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,11 +13,12 @@ import torch
 from biovfm import tracking
 from biovfm.config import EvalJob
 from biovfm.data.medmnist import SPLITS, load_npz
-from biovfm.evaluate.features import Progress, encoder_features, load_encoder, raw_pixel_features
+from biovfm.evaluate.features import Allocate, encoder_features, file_allocator, load_encoder, raw_pixel_features
 from biovfm.evaluate.probe import ProbeConfig, fit_probe
 from biovfm.evaluate.scores import write_scores
 from biovfm.io import read_json, write_json
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
+from biovfm.progress import Progress
 
 
 def task_path(tasks_dir: str | Path, flag: str, size: int) -> Path:
@@ -37,12 +39,13 @@ def _encoder_and_meta(job: EvalJob, checkpoint: str | Path | None) -> tuple[torc
                  "flops_per_image": count_flops_per_image(enc, job.image_size), "images_seen": 0, "train_steps": 0}
 
 
-def split_features(encoder: torch.nn.Module | None, images: np.ndarray, batch_size: int, label: str) -> np.ndarray:
+def split_features(encoder: torch.nn.Module | None, images: np.ndarray, batch_size: int, label: str,
+                   allocate: Allocate | None = None) -> np.ndarray:
     """Features of one split (raw pixels without an encoder), streamed from ``images`` with progress."""
     with Progress(label, len(images)) as progress:
         if encoder is None:
-            return raw_pixel_features(images, batch_size, progress)
-        return encoder_features(encoder, images, batch_size, progress)
+            return raw_pixel_features(images, batch_size, progress, allocate)
+        return encoder_features(encoder, images, batch_size, progress, allocate)
 
 
 def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
@@ -58,13 +61,17 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
         flag = info.flag
         data = load_npz(task_path(tasks_dir, flag, job.image_size), info, mmap=True)  # images read a batch at a time
         tf = time.perf_counter()
-        feats = {s: split_features(encoder, data[f"{s}_images"], job.batch_size, f"[evaluate] {job.run_id} {flag} {s}")
-                 for s in SPLITS}
-        t_feat = time.perf_counter() - tf
-        res = fit_probe(feats, {s: data[f"{s}_labels"] for s in SPLITS}, info, probe_cfg, seed=job.seed)
+        with tempfile.TemporaryDirectory(prefix="biovfm-features-") as tmp:  # $TMPDIR: a node's scratch on clusters
+            feats = {s: split_features(encoder, data[f"{s}_images"], job.batch_size,
+                                       f"[evaluate] {job.run_id} {flag} {s}", file_allocator(tmp, s)) for s in SPLITS}
+            t_feat = time.perf_counter() - tf
+            feature_dim = int(feats["train"].shape[1])
+            res = fit_probe(feats, {s: data[f"{s}_labels"] for s in SPLITS}, info, probe_cfg, seed=job.seed,
+                            inplace=True)
+            del feats
         scores[flag] = (res.test_scores, data["test_labels"])
         results[flag] = {"task_type": info.task, "auc": res.auc, "acc": res.acc, "val_auc": res.val_auc, "val_loss": res.val_loss, "l2": res.l2,
-                         "l2_at_edge": res.at_edge, "best_epoch": res.best_epoch, "feature_dim": int(feats["train"].shape[1]),
+                         "l2_at_edge": res.at_edge, "best_epoch": res.best_epoch, "feature_dim": feature_dim,
                          "feature_s": t_feat, "probe_s": time.perf_counter() - tf - t_feat}
         print(f"[evaluate] {job.run_id} {flag}: AUC {res.auc:.4f} ACC {res.acc:.4f} (l2 {res.l2:.0e}, epoch {res.best_epoch})", flush=True)
     mean_auc = float(np.mean([r["auc"] for r in results.values()]))

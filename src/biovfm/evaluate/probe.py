@@ -80,13 +80,14 @@ class HeadFit:
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def layer_norm(x: np.ndarray, chunk: int = LN_CHUNK) -> torch.Tensor:
+def layer_norm(x: np.ndarray, chunk: int = LN_CHUNK, out: np.ndarray | None = None) -> torch.Tensor:
     """The paper's frozen ``fc_norm``: per-sample standardisation, identity affine, eps 1e-6.
 
     Computed in float64 ``chunk`` rows at a time into a float32 result: the same numbers as the whole matrix
-    in float64 (each row's statistics are its own), with the float64 copy bounded by the chunk, not the data."""
+    in float64 (each row's statistics are its own), with the float64 copy bounded by the chunk, not the data.
+    ``out`` (float32, may be ``x`` itself) receives the result instead of a new array."""
     x = np.asarray(x)
-    out = np.empty(x.shape, np.float32)
+    out = np.empty(x.shape, np.float32) if out is None else out
     for start in range(0, len(x), chunk):
         c = np.array(x[start:start + chunk], dtype=np.float64)  # a copy: normalised in place below
         var = c.var(axis=1, keepdims=True)
@@ -280,14 +281,13 @@ def train_heads(
     for epoch in range(cfg.epochs):
         lr = cosine_lr(cfg.lr, epoch, cfg.epochs)
         order = torch.randperm(n, generator=shuffle)
-        x_epoch, y_epoch = x_train[order], dense[order]  # one gather per epoch, views per step
         for s in range(steps):
-            rows = slice(s * batch, (s + 1) * batch)
-            xb, mu, var = batch_norm_train(x_epoch[rows])
+            rows = order[s * batch:(s + 1) * batch]  # a gather per step: no epoch-sized copy of the features
+            xb, mu, var = batch_norm_train(x_train[rows])
             run_mean.lerp_(mu, BN_MOMENTUM)
             run_var.lerp_(var * (batch / max(batch - 1, 1)), BN_MOMENTUM)  # unbiased, as torch BN
             xb = torch.cat([xb, ones], dim=1)
-            grad_z = data_grad((xb @ param).view(batch, g, c), y_epoch[rows], multi_label)
+            grad_z = data_grad((xb @ param).view(batch, g, c), dense[rows], multi_label)
             grad = xb.t() @ grad_z.view(batch, g * c)
             grad[:d].addcmul_(param[:d], two_lam)
             adam.step(grad, lr)
@@ -339,13 +339,14 @@ def _val_auc(y: np.ndarray, scores: np.ndarray, task: str) -> float:
         return float("nan")
 
 
-def _features(x: np.ndarray, split: str, d: int | None = None) -> torch.Tensor:
+def _features(x: np.ndarray, split: str, d: int | None = None, inplace: bool = False) -> torch.Tensor:
     x = np.asarray(x)
     if x.ndim != 2 or (d is not None and x.shape[1] != d):
         raise ValueError(f"{split} features have shape {x.shape}; expected N x D" + (f" with D={d}" if d else ""))
-    if not np.isfinite(x).all():
+    if not all(np.isfinite(x[i:i + LN_CHUNK]).all() for i in range(0, len(x), LN_CHUNK)):
         raise ValueError(f"{split} features contain NaN or inf")
-    return layer_norm(x)
+    in_place = inplace and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous
+    return layer_norm(x, out=x if in_place else None)
 
 
 def fit_probe(
@@ -354,12 +355,16 @@ def fit_probe(
     info: TaskInfo,
     cfg: ProbeConfig = ProbeConfig(),
     seed: int = 0,
+    inplace: bool = False,
 ) -> ProbeResult:
-    """x and y keyed by 'train'/'val'/'test'; x float arrays N x D; y integer label arrays N x L (MedMNIST layout: L=1 class index, or 14 for multi-label)."""
+    """x and y keyed by 'train'/'val'/'test'; x float arrays N x D; y integer label arrays N x L (MedMNIST layout: L=1 class index, or 14 for multi-label).
+
+    ``inplace``: LayerNorm float32 feature arrays in place (the evaluation job's own buffers, possibly memory-mapped
+    files) instead of copying them: the probe then adds nothing of the features' size."""
     if not cfg.l2_grid or min(cfg.l2_grid) <= 0:
         raise ValueError(f"l2_grid must be non-empty and positive (log grid), got {cfg.l2_grid}")
     d = np.asarray(x["train"]).shape[-1]
-    feats = {s: _features(x[s], s, d) for s in ("train", "val", "test")}
+    feats = {s: _features(x[s], s, d, inplace) for s in ("train", "val", "test")}
     targets = {s: _targets(y[s], info, s) for s in ("train", "val", "test")}
     for s in ("train", "val", "test"):
         if len(targets[s]) != len(feats[s]):
