@@ -67,16 +67,14 @@ def test_a_gpu_world_reduces_cuda_and_cpu_tensors(monkeypatch):
     from biovfm.train import distributed
 
     created = []
+    monkeypatch.setattr(distributed, "_DEVICE_TYPE", "cpu")  # init_world sets it; restored after the test
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: created.append(backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    try:
-        assert distributed.init_world("cuda") == distributed.World(1, 2, 1)
-        assert distributed.init_world("cpu") == distributed.World(1, 2, 1)
-    finally:
-        distributed.init_world.__globals__["_DEVICE_TYPE"] = "cpu"
+    assert distributed.init_world("cuda") == distributed.World(1, 2, 1)
+    assert distributed.init_world("cpu") == distributed.World(1, 2, 1)
     gpu, cpu = (BackendConfig(b).get_device_backend_map() for b in created)
     assert gpu == {"cuda": "nccl", "cpu": "gloo"} and set(cpu.values()) == {"gloo"}
 

@@ -81,11 +81,9 @@ def claim(n: int, devices: list[str], lock_dir: str | Path, wait_s: float = 3600
     deadline = time.monotonic() + wait_s
     held: list = []
     try:
-        while True:
+        while len(held) < n:
             for d in devices:
-                if len(held) == n:
-                    break
-                if d not in (h[0] for h in held) and (f := _try_lock(folder / f"gpu{d}.lock")) is not None:
+                if len(held) < n and (f := _try_lock(folder / f"gpu{d}.lock")) is not None:
                     held.append((d, f))
             if len(held) == n:
                 break

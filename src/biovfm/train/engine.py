@@ -170,7 +170,7 @@ def _train_steps(job: PretrainJob, method: Method, model: torch.nn.Module, opt: 
     """Steps ``[start, steps)``: forward/backward per micro-batch, one optimizer step, logging and checkpoints."""
     t = job.train
     pending: list[tuple[int, dict[str, float]]] = []
-    mb = t.batch_size // (world.size * t.grad_accum)
+    mb = micro_batch(t.batch_size, world.size, t.grad_accum)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     trainable = [p for p in method.parameters() if p.requires_grad]
     method.train()
