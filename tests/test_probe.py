@@ -1,6 +1,9 @@
 """The batched linear probe: signal recovery, chance on noise, L2 grid selection/extension,
-determinism, score shapes, best-epoch selection on validation loss, and the hand-written gradients."""
+determinism, score shapes, epoch and L2 selection (the paper's and the default), the step floor,
+and the hand-written gradients."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,13 +12,17 @@ import torch.nn.functional as F
 
 from biovfm.data.medmnist import task_info
 from biovfm.evaluate.probe import (
+    PAPER_PROBE,
     ProbeConfig,
     _Adam,
+    choose_head,
     data_grad,
     extend_grid,
     fit_probe,
     head_losses,
     layer_norm,
+    normalize_features,
+    train_epochs,
     train_heads,
 )
 
@@ -50,7 +57,7 @@ def test_recovers_linear_signal_and_score_shapes(flag: str) -> None:
     assert np.all((r.test_scores >= 0) & (r.test_scores <= 1))
     if flag != "chestmnist":
         assert np.allclose(r.test_scores.sum(axis=1), 1.0)  # softmax, including binary's 2 logits
-    assert 0 <= r.best_epoch < ProbeConfig().epochs and np.isfinite(r.val_loss)
+    assert r.best_epoch == r.epochs - 1 and np.isfinite(r.val_loss)  # the default keeps the last epoch
     assert r.val_auc > 0.9 and 0 <= r.acc <= 1
 
 
@@ -62,9 +69,10 @@ def test_pure_noise_labels_give_chance_auc() -> None:
     assert abs(r.auc - 0.5) < 0.04, r.auc
 
 
-def test_interior_optimum_is_chosen_without_extension() -> None:
+@pytest.mark.parametrize("cfg", [ProbeConfig(), PAPER_PROBE], ids=["default", "paper"])
+def test_interior_optimum_is_chosen_without_extension(cfg: ProbeConfig) -> None:
     x, y, info = linear_task("octmnist", d=64, noise=1.0, sizes={"train": 200, "val": 300, "test": 300})
-    r = fit_probe(x, y, info)
+    r = fit_probe(x, y, info, cfg)
     assert r.l2_grid == list(ProbeConfig().l2_grid)
     assert min(r.l2_grid) < r.l2 < max(r.l2_grid) and not r.at_edge
 
@@ -84,7 +92,7 @@ def test_grid_extends_upwards_when_optimum_lies_above() -> None:
 def test_at_edge_after_max_extensions() -> None:
     """Noiseless labels keep preferring less regularisation: after one extension it is still the edge."""
     x, y, info = linear_task("octmnist", d=32, noise=0.0)
-    r = fit_probe(x, y, info, ProbeConfig(l2_grid=(1.0, 10.0, 100.0), max_grid_extensions=1))
+    r = fit_probe(x, y, info, replace(PAPER_PROBE, l2_grid=(1.0, 10.0, 100.0), max_grid_extensions=1))
     assert r.l2_grid == pytest.approx([0.01, 0.1, 1.0, 10.0, 100.0])
     assert r.l2 == pytest.approx(0.01) and r.at_edge
 
@@ -115,7 +123,7 @@ def test_best_epoch_is_lowest_val_loss_not_last() -> None:
     """Overfitting setup (few samples, many features, weak L2): val loss rises after its minimum,
     and the returned epoch, loss and scores are those of the minimum."""
     x, y, info = linear_task("octmnist", d=128, noise=2.0, sizes={"train": 200, "val": 300, "test": 100})
-    cfg = ProbeConfig(l2_grid=(1e-6,), epochs=40)
+    cfg = replace(PAPER_PROBE, l2_grid=(1e-6,), epochs=40)
     r = fit_probe(x, y, info, cfg)
     fit = train_heads(
         layer_norm(x["train"]), torch.from_numpy(y["train"][:, 0]), layer_norm(x["val"]),
@@ -186,7 +194,7 @@ def test_batched_heads_match_a_plain_torch_reference() -> None:
     xtr, xva = (rng.normal(size=(n, d)) * scale + shift for n in (300, 100))
     ytr, yva = torch.from_numpy(rng.integers(0, c, 300)), torch.from_numpy(rng.integers(0, c, 100))
     ftr, fva = layer_norm(xtr), layer_norm(xva)
-    cfg = ProbeConfig(epochs=epochs)
+    cfg = replace(PAPER_PROBE, epochs=epochs)
     fit = train_heads(ftr, ytr, fva, yva, l2, c, False, cfg, seed=5)
 
     for h, lam in enumerate(l2):
@@ -213,3 +221,81 @@ def test_batched_heads_match_a_plain_torch_reference() -> None:
             with torch.no_grad():
                 val = F.cross_entropy(lin(bn(fva)), yva).item()
             assert val == pytest.approx(fit.val_loss_history[epoch, h], rel=1e-4), (lam, epoch)
+
+
+def test_paper_protocol_values() -> None:
+    """PAPER_PROBE is the paper's protocol; the default differs only in the three fidelity fields."""
+    assert (PAPER_PROBE.select_l2, PAPER_PROBE.select_epoch, PAPER_PROBE.min_steps) == ("loss", "best_loss", 0)
+    assert (PAPER_PROBE.lr, PAPER_PROBE.epochs, PAPER_PROBE.batch_size) == (0.01, 100, 128)
+    assert replace(ProbeConfig(), select_l2="loss", select_epoch="best_loss", min_steps=0) == PAPER_PROBE
+
+
+@pytest.mark.parametrize("bad", [{"select_l2": "acc"}, {"select_epoch": "best_auc"}, {"min_steps": -1}, {"epochs": 0}])
+def test_rejects_unknown_selection_rules(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ProbeConfig(**bad)
+
+
+def test_min_steps_adds_epochs_on_small_tasks_only() -> None:
+    """546 images at batch 128 (drop_last) are 4 steps an epoch: 1000 steps need 250 epochs; a large task keeps 100."""
+    cfg = ProbeConfig(min_steps=1000)
+    assert train_epochs(cfg, 546) == 250
+    assert train_epochs(cfg, 100_000) == 100
+    assert train_epochs(cfg, 50) == 1000  # one (shrunken) batch an epoch
+    assert train_epochs(PAPER_PROBE, 546) == 100
+
+
+def test_last_epoch_and_step_floor_in_training() -> None:
+    """select_epoch="last" keeps every head's final weights; min_steps lengthens the run (and its cosine)."""
+    x, y, info = linear_task("octmnist", d=32, noise=1.0, sizes={"train": 256, "val": 100, "test": 100})
+    cfg = ProbeConfig(epochs=5, min_steps=40, select_epoch="last")
+    ftr, fva = layer_norm(x["train"]), layer_norm(x["val"])
+    ytr, yva = torch.from_numpy(y["train"][:, 0]), torch.from_numpy(y["val"][:, 0])
+    fit = train_heads(ftr, ytr, fva, yva, [1e-4, 1e-2], info.n_outputs, False, cfg, seed=0)
+    assert fit.val_loss_history.shape == (20, 2)  # 2 steps an epoch: 20 epochs for 40 steps
+    assert np.array_equal(fit.best_epoch, [19, 19])
+    assert np.array_equal(fit.best_val_loss, fit.val_loss_history[-1])
+    r = fit_probe(x, y, info, cfg)
+    assert r.epochs == 20 and r.best_epoch == 19
+
+
+def test_choose_head_on_auc_then_loss() -> None:
+    loss = np.array([0.50, 0.40, 0.45, 0.30])
+    assert choose_head(loss) == 3  # the paper: lowest validation loss
+    assert choose_head(loss, np.array([0.80, 0.90, 0.85, 0.70])) == 1  # highest validation AUC
+    assert choose_head(loss, np.array([0.90, 0.90, 0.85, 0.70])) == 1  # AUC tie: the lower loss
+    assert choose_head(loss, np.full(4, np.nan)) == 3  # AUC undefined (a class absent from val): loss
+    assert choose_head(np.array([np.nan, 0.4]), np.array([0.9, 0.8])) == 0  # a diverged loss does not block AUC
+    assert choose_head(np.array([0.4, np.nan]), np.array([0.8, 0.9])) == 1
+
+
+def test_auc_selection_picks_the_best_val_auc_of_the_same_heads() -> None:
+    """Same heads, two rules: the AUC rule's val AUC is the higher, the loss rule's val loss the lower."""
+    x, y, info = linear_task("breastmnist", d=64, noise=2.0, sizes={"train": 150, "val": 60, "test": 200})
+    base = ProbeConfig(epochs=30, min_steps=0, select_epoch="last")
+    by_auc = fit_probe(x, y, info, replace(base, select_l2="auc"))
+    by_loss = fit_probe(x, y, info, replace(base, select_l2="loss"))
+    assert by_auc.l2_grid == by_loss.l2_grid
+    assert by_auc.val_auc >= by_loss.val_auc and by_auc.val_loss >= by_loss.val_loss
+
+
+def test_paper_config_reproduces_the_paper_selection() -> None:
+    """Under PAPER_PROBE the chosen head is the one of the lowest best-epoch validation loss, at that epoch."""
+    x, y, info = linear_task("dermamnist", d=32, noise=1.5, sizes={"train": 300, "val": 100, "test": 100})
+    cfg = replace(PAPER_PROBE, epochs=15)
+    r = fit_probe(x, y, info, cfg)
+    fit = train_heads(layer_norm(x["train"]), torch.from_numpy(y["train"][:, 0]), layer_norm(x["val"]),
+                      torch.from_numpy(y["val"][:, 0]), sorted(cfg.l2_grid), info.n_outputs, False, cfg, seed=0)
+    h = int(np.argmin(fit.best_val_loss))
+    assert r.epochs == 15 and r.l2 == fit.l2[h] and r.best_epoch == fit.best_epoch[h]
+    assert r.val_loss == pytest.approx(fit.val_loss_history.min(axis=0)[h])
+
+
+def test_normalized_features_give_the_same_probe() -> None:
+    """normalize_features once, then fit_probe(normalized=True): the same fit as letting the probe normalise."""
+    x, y, info = linear_task("pneumoniamnist", d=16, noise=1.0, sizes={"train": 200, "val": 80, "test": 80})
+    cfg = ProbeConfig(epochs=5, min_steps=0)
+    z = {s: normalize_features(v.copy(), s, inplace=True) for s, v in x.items()}
+    assert isinstance(z["train"], np.ndarray) and np.allclose(z["train"], layer_norm(x["train"]).numpy())
+    a, b = fit_probe(x, y, info, cfg), fit_probe(z, y, info, cfg, normalized=True)
+    assert np.array_equal(a.test_scores, b.test_scores) and a.l2 == b.l2

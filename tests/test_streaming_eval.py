@@ -61,8 +61,12 @@ def test_evaluation_reads_an_uncompressed_task_through_a_memory_map(tmp_path, ti
     eval_module.evaluate(job, packed, tmp_path / "packed.json")
     a, b = read_json(tmp_path / "plain.json")["tasks"], read_json(tmp_path / "packed.json")["tasks"]
     for flag in tiny["data"]["tasks"]:
-        for key in ("auc", "acc", "val_loss", "l2", "best_epoch", "feature_dim"):
-            assert a[flag][key] == b[flag][key], (flag, key)
+        for key in ("auc", "acc", "val_auc", "feature_dim", "variants"):
+            if key == "variants":  # every estimator's numbers (timings aside) are the same
+                drop = lambda v: {n: {k: x for k, x in r.items() if k != "seconds"} for n, r in v.items()}  # noqa: E731
+                assert drop(a[flag][key]) == drop(b[flag][key]), flag
+            else:
+                assert a[flag][key] == b[flag][key], (flag, key)
     assert out["tasks"]["dermamnist"]["feature_dim"] == (16 * 16 * 3 if kind == "raw_pixels" else 16)
 
 

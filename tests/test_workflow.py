@@ -79,12 +79,18 @@ def test_small_study_end_to_end(workdir):
     n_tasks = len(p["data"]["tasks"])
     n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
     n_models = n_pre + len(p["grid"]["models"]) + 1  # + random-init per size + raw pixels
-    assert len(summary) == n_models * n_tasks
+    fractions = validate_params(p)["evaluate"]["label_fractions"]
+    n_estimators = 2 + len(fractions)  # paper, kNN, logreg at each fraction (1 among them)
+    assert len(summary) == n_models * n_tasks * n_estimators
+    primary = summary[summary["primary"]]
+    assert len(primary) == n_models * n_tasks and set(primary["probe"]) == {"logreg"}
+    assert set(summary["probe"]) == {"logreg", "paper", "knn"}
+    assert sorted(summary.loc[summary["probe"] == "logreg", "label_fraction"].unique()) == sorted(fractions)
     assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels"}
     assert summary["auc"].between(0, 1).all() and summary["acc"].between(0, 1).all()
     assert set(summary.loc[summary["kind"] == "pretrained", "method"]) == {"mae", "dino"}
     for fig in ("mean_auc_vs_params", "task_grid", "task_slopes", "data_comparison", "auc_vs_data_size",
-                "factor_correlations", "compute_frontier", "extrapolation"):
+                "factor_correlations", "compute_frontier", "extrapolation", "label_efficiency"):
         assert (res / "figures" / f"{fig}.png").stat().st_size > 10_000
     headline = json.loads((res / "summary.json").read_text())
     assert headline["n_models"] == n_models
@@ -94,13 +100,20 @@ def test_small_study_end_to_end(workdir):
     assert ((points["auc_lo"] <= points["auc"]) & (points["auc"] <= points["auc_hi"])).all()
     assert (points["auc_hi"] - points["auc_lo"]).min() > 0
     fits = pd.read_csv(res / "fits.csv")
-    assert set(fits["axis"]) == {"params", "images", "compute"} and set(fits["form"]) == {"loglog", "saturating"}
+    assert set(fits["axis"]) == {"params", "params_paper", "images", "compute"}
+    assert set(fits["form"]) == {"loglog", "saturating"}
+    # the probe-fidelity check and label efficiency, per model and task, with paired intervals
+    fid = pd.read_csv(res / "tables" / "probe_fidelity.csv", keep_default_na=False)
+    assert len(fid) == n_models * (n_tasks + 1) and (fid["diff_lo"] <= fid["diff_hi"]).all()
+    curve = pd.read_csv(res / "tables" / "label_efficiency.csv", keep_default_na=False)
+    assert len(curve) == n_models * (len(fractions) + 1)  # + kNN
     mean = fits[(fits["axis"] == "params") & (fits["task"] == "mean") & (fits["form"] == "loglog")]
     assert mean["slope_lo"].notna().all() and (mean["slope_lo"] <= mean["slope"]).all()
     stats = pd.read_csv(res / "tables" / "task_stats.csv")
     assert len(stats) == n_tasks and stats["dbi"].notna().all()
     html = (res / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 8 and "Missing evaluations" not in html
+    assert html.count("data:image/png;base64,") == 9 and "Missing evaluations" not in html
+    assert "Probe fidelity" in html and "Slopes on both parameter axes" in html
 
     # a failed or missing evaluation is listed in the report, not a crash
     evals = sorted(str(p) for p in res.rglob("eval.json"))

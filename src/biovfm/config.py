@@ -271,6 +271,10 @@ class EvalJob:
     probe: dict[str, Any]
     tracking: dict[str, str]
     code_version: str = ""
+    primary: str = "logreg"  # the estimator of the headline: logreg (the converged reference) or paper
+    logreg: dict[str, Any] = field(default_factory=dict)
+    knn_k: int = 11  # 0: no kNN
+    label_fractions: tuple[float, ...] = (1.0,)  # always with 1.0
     descriptors: dict[str, Any] = field(default_factory=dict)  # method, modality, data_size of the grid point
     custom_tasks: tuple[TaskInfo, ...] = ()  # what the job knows of the non-MedMNIST names in ``tasks``
 
@@ -348,6 +352,10 @@ def eval_job(p: dict[str, Any], kind: str, run: str, model: str | None = None, s
         probe=dict(e["probe"]),
         tracking=dict(p["tracking"]),
         code_version=code_version,
+        primary=e["primary"],
+        logreg=dict(e["logreg"]),
+        knn_k=int(e["knn_k"]),
+        label_fractions=tuple(sorted({float(f) for f in e["label_fractions"]} | {1.0}, reverse=True)),
         descriptors=dict(descriptors or {}),
         custom_tasks=custom_task_infos(p),
     )
@@ -369,6 +377,7 @@ def eval_job_from_json(text: str) -> EvalJob:
     d = json.loads(text)
     d["model"] = ModelSpec(**d["model"]) if d["model"] else None
     d["tasks"] = tuple(d["tasks"])
+    d["label_fractions"] = tuple(d.get("label_fractions", (1.0,)))
     d["custom_tasks"] = tuple(task_info_from_dict(t) for t in d.get("custom_tasks", ()))
     return EvalJob(**d)
 

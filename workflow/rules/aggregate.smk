@@ -1,7 +1,8 @@
 FIGURES = ["mean_auc_vs_params", "task_grid", "task_slopes", "data_comparison", "auc_vs_data_size",
-           "factor_correlations", "compute_frontier", "extrapolation"]
+           "factor_correlations", "compute_frontier", "extrapolation", "label_efficiency"]
 TABLES = ["points", "task_slopes", "correlations", "data_comparison", "compute_frontier", "recommendations",
-          "paper_comparison"]
+          "paper_comparison", "paper_slopes", "probe_fidelity", "probe_fidelity_summary", "below_majority",
+          "label_efficiency"]
 
 
 rule task_stats:

@@ -386,6 +386,57 @@ def plot_auc_vs_data_size(points, out_png: str | os.PathLike) -> tuple[Path, Pat
         return _save(fig, out_png)
 
 
+def plot_label_efficiency(curve: pd.DataFrame, out_png: str | os.PathLike) -> tuple[Path, Path]:
+    """Mean AUC vs the fraction of training labels the probe saw, one panel per method: a line per model size
+    (pretrained solid, its random-init twin dotted), raw pixels dashed black, kNN (all labels) as open stars."""
+    probe_rows = curve[curve["probe"] != "knn"]
+    knn = curve[curve["probe"] == "knn"]
+    pre = probe_rows[probe_rows["kind"] == "pretrained"]
+    methods = sorted(pre["method"].unique()) or [""]
+    sizes = (probe_rows[probe_rows["kind"] != "raw_pixels"][["model", "params_encoder"]].drop_duplicates("model")
+             .sort_values("params_encoder")["model"].tolist())
+    cmap = matplotlib.colormaps["viridis"]
+    color = {m: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, m in enumerate(sizes)}
+    main = pre.groupby("method")["data_size"].max().to_dict()  # the largest pretraining set per method
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure((5.2 * len(methods) + 2.2, 4.6))
+        axes = fig.subplots(1, len(methods), squeeze=False, sharey=True)[0]
+        for ax, method in zip(axes, methods):
+            sel = pre[(pre["method"] == method) & (pre["data_size"] == main.get(method, 0))]
+            for model, g in sel.groupby("model", sort=False):
+                g = g.sort_values("label_fraction")
+                ax.errorbar(g["label_fraction"], AUC_SCALE * g["auc"], yerr=_err(g), color=color[model], marker="o",
+                            ms=5, lw=1.8, capsize=2, label=f"{model} pretrained")
+                k = knn[(knn["kind"] == "pretrained") & (knn["method"] == method) & (knn["model"] == model)
+                        & (knn["data_size"] == main.get(method, 0))]
+                if len(k):
+                    ax.plot([1.0], [AUC_SCALE * k["auc"].iloc[0]], marker="*", ms=11, mfc="none", color=color[model],
+                            ls="none", label=f"{model} kNN")
+            rnd = probe_rows[probe_rows["kind"] == "random_init"]
+            for model, g in rnd.groupby("model", sort=False):
+                g = g.sort_values("label_fraction")
+                ax.plot(g["label_fraction"], AUC_SCALE * g["auc"], ls=":", lw=1.4, color=color.get(model, RANDOM_COLOR),
+                        label=f"{model} random init")
+            raw = probe_rows[probe_rows["kind"] == "raw_pixels"].sort_values("label_fraction")
+            if len(raw):
+                ax.plot(raw["label_fraction"], AUC_SCALE * raw["auc"], ls=RAW_DASHES, lw=1.2, color=RAW_COLOR,
+                        label="raw pixels")
+            ax.set_xscale("log")
+            fr = sorted(probe_rows["label_fraction"].unique())
+            ax.xaxis.set_major_locator(FixedLocator(fr))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticklabels([f"{100 * f:g}%" for f in fr])
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_xlabel("Training labels used by the probe")
+            ax.set_title(f"{_method_label(method)}, {_fmt_count(main.get(method, 0))} pretraining images")
+        axes[0].set_ylabel("Mean test AUC ×100 (95% CI)")
+        handles, labels = _legend_entries(axes[-1])
+        if handles:
+            axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, framealpha=0.85)
+        return _save(fig, out_png)
+
+
 # ----------------------------------------------------------------------------- task factors (F)
 FACTOR_LABELS = {"n_samples": "# Samples", "dbi": "DBI (class overlap)", "n_classes": "# Classes",
                  "gzip_median": "Compressibility", "pixel_entropy": "Pixel entropy", "imbalance": "Class imbalance",

@@ -38,7 +38,8 @@ def loglog_replicates(x: np.ndarray, auc: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def loglog_predict(p: dict, x: np.ndarray) -> np.ndarray:
-    return np.exp(p["intercept"]) * np.asarray(x, dtype=float) ** p["slope"] / AUC_SCALE
+    with np.errstate(over="ignore", invalid="ignore"):  # an x range too narrow for a slope: inf/NaN, reported as such
+        return np.exp(p["intercept"]) * np.asarray(x, dtype=float) ** p["slope"] / AUC_SCALE
 
 
 # ----------------------------------------------------------------------------- saturating
@@ -123,7 +124,8 @@ def fit_replicates(form: str, x: np.ndarray, auc_reps: np.ndarray) -> dict[str, 
 
 def predict_replicates(form: str, reps: dict[str, np.ndarray], x: float) -> np.ndarray:
     if form == LOGLOG:
-        return np.exp(reps["intercept"]) * float(x) ** reps["slope"] / AUC_SCALE
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.exp(reps["intercept"]) * float(x) ** reps["slope"] / AUC_SCALE
     return 1.0 - (reps["a"] * (float(x) / reps["x_ref"]) ** -reps["b"] + reps["c"])
 
 

@@ -19,10 +19,13 @@ from biovfm.analysis.fits import GRID_KEYS, MEAN_TASK, normalize_summary, task_o
 
 AXES = {  # axis -> (x column, series keys, kinds fitted)
     "params": ("params_encoder", ("kind", "method", "modality", "data_size"), ("pretrained", "random_init")),
+    # the paper's x: the MAE pretraining model's parameters, decoder included (31.2/47.4/111.66/329.24 M for T/S/B/L)
+    "params_paper": ("params_paper", ("kind", "method", "modality", "data_size"), ("pretrained", "random_init")),
     "images": ("data_size", ("kind", "method", "model", "modality"), ("pretrained",)),
     "compute": ("train_flops", ("kind", "method", "modality", "data_size"), ("pretrained",)),
 }
-AXIS_LABELS = {"params": "encoder parameters", "images": "pretraining images", "compute": "training FLOPs"}
+PARAM_AXES = ("params", "params_paper")
+AXIS_LABELS = {"params": "encoder parameters", "params_paper": "parameters as the paper counts them", "images": "pretraining images", "compute": "training FLOPs"}
 POINT_KEYS = (*GRID_KEYS, "params_encoder", "params_paper", "train_flops", "train_steps")
 FIT_PARAMS = {laws.LOGLOG: ("slope", "intercept"), laws.SATURATING: ("a", "b", "c")}
 
@@ -159,7 +162,7 @@ FIT_COLUMNS = ["axis", "kind", "method", "model", "modality", "data_size", "task
                "extrap_error", "extrap_lo", "extrap_hi", "extrap_holds", "note"]
 
 
-def fit_table(points: Points) -> pd.DataFrame:
+def fit_table(points: Points, axes: tuple[str, ...] = tuple(AXES)) -> pd.DataFrame:
     """One row per axis x series x task x form, with the selected form per series and task.
 
     Selection: the lower leave-one-out RMSE; when neither form can be cross-validated the paper's
@@ -167,7 +170,7 @@ def fit_table(points: Points) -> pd.DataFrame:
     blank in its series columns).
     """
     rows = []
-    for axis in AXES:
+    for axis in axes:
         for desc, x, auc, reps in _series(points, axis):
             forms = [{"axis": axis, **desc, **_fit_row(form, x, auc, reps, axis)} for form in laws.FORMS]
             loo = [f.get("loo_rmse", np.nan) for f in forms]

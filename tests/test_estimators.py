@@ -1,0 +1,202 @@
+"""The reference probe, kNN and label subsets against independent references (scikit-learn, closed forms)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+
+from biovfm.data.medmnist import TASKS
+from biovfm.evaluate import logreg as lr
+from biovfm.evaluate.knn import fit_knn
+from biovfm.evaluate.logreg import LogRegConfig, fit_logreg, standardizer
+from biovfm.evaluate.scores import parse_variant, variant_name
+from biovfm.evaluate.subsets import label_subset
+
+
+def _linear_task(flag: str, n: dict[str, int], d: int = 30, seed: int = 0) -> tuple[dict, dict]:
+    """Features with a linear (logistic) ground truth in the task's label layout; columns on unequal scales."""
+    info = TASKS[flag]
+    rng = np.random.default_rng(seed)
+    k = info.n_labels if info.task.startswith("multi-label") else info.n_outputs
+    w = rng.normal(size=(d, k)) * 0.4
+    scale = rng.uniform(0.1, 10, d)
+    x, y = {}, {}
+    for split, m in n.items():
+        z = rng.normal(size=(m, d))
+        if info.task.startswith("multi-label"):
+            y[split] = (z @ w + rng.logistic(size=(m, k)) > 1.0).astype(np.int64)
+        else:
+            y[split] = np.argmax(z @ w + rng.gumbel(size=(m, k)), axis=1)[:, None]
+        x[split] = (z * scale + 3.0).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("flag", ["breastmnist", "dermamnist", "chestmnist"])
+def test_logreg_equals_scikit_learn_at_fixed_c(flag: str) -> None:
+    x, y = _linear_task(flag, {"train": 400, "val": 100, "test": 300})
+    r = fit_logreg(x, y, TASKS[flag], LogRegConfig(c_grid=(0.05,), tol=1e-8))
+    mu, sd = standardizer(x["train"])
+    z = {s: (x[s] - mu) / sd for s in x}
+    sk = dict(C=0.05, max_iter=10_000, tol=1e-10)
+    if flag == "chestmnist":  # one-vs-rest: one binary model per label column
+        ref = np.stack([LogisticRegression(**sk).fit(z["train"], y["train"][:, j]).predict_proba(z["test"])[:, 1]
+                        for j in range(y["train"].shape[1])], axis=1)
+    else:
+        ref = LogisticRegression(**sk).fit(z["train"], y["train"][:, 0]).predict_proba(z["test"])
+    assert r.converged
+    assert np.abs(r.test_scores - ref).max() < 1e-5
+
+
+def test_logreg_reads_memory_maps_in_chunks_and_is_deterministic(tmp_path, monkeypatch) -> None:
+    x, y = _linear_task("dermamnist", {"train": 300, "val": 80, "test": 120})
+    whole = fit_logreg(x, y, TASKS["dermamnist"], LogRegConfig(c_grid=(0.01, 1.0, 100.0)))
+    again = fit_logreg(x, y, TASKS["dermamnist"], LogRegConfig(c_grid=(0.01, 1.0, 100.0)))
+    assert np.array_equal(whole.test_scores, again.test_scores) and whole.c == again.c
+    mapped = {}
+    for s, a in x.items():
+        np.save(tmp_path / f"{s}.npy", a)
+        mapped[s] = np.load(tmp_path / f"{s}.npy", mmap_mode="r")
+    monkeypatch.setattr(lr, "CHUNK", 37)
+    chunked = fit_logreg(mapped, y, TASKS["dermamnist"], LogRegConfig(c_grid=(0.01, 1.0, 100.0)))
+    assert chunked.c == whole.c
+    assert np.abs(chunked.test_scores - whole.test_scores).max() < 1e-6
+
+
+def test_logreg_on_a_subset_equals_logreg_on_a_copy_of_those_rows() -> None:
+    x, y = _linear_task("dermamnist", {"train": 300, "val": 80, "test": 120})
+    rows = np.arange(0, 300, 3)
+    a = fit_logreg(x, y, TASKS["dermamnist"], LogRegConfig(c_grid=(0.1, 1.0)), train_rows=rows)
+    b = fit_logreg({**x, "train": x["train"][rows]}, {**y, "train": y["train"][rows]}, TASKS["dermamnist"],
+                   LogRegConfig(c_grid=(0.1, 1.0)))
+    assert a.c == b.c and np.abs(a.test_scores - b.test_scores).max() < 1e-9
+
+
+def _gaussian_binary(n: dict[str, int], delta: float, d: int, prevalence: float, seed: int) -> tuple[dict, dict]:
+    """Two Gaussians N(0, I) and N(delta e1 / ..., I): the Bayes-optimal (linear) AUC is Phi(|mu1 - mu0| / sqrt 2)."""
+    rng = np.random.default_rng(seed)
+    shift = np.zeros(d)
+    shift[:3] = delta / math.sqrt(3)
+    x, y = {}, {}
+    for s, m in n.items():
+        lab = (rng.random(m) < prevalence).astype(np.int64)
+        x[s] = (rng.normal(size=(m, d)) + lab[:, None] * shift).astype(np.float32) * 4.0 + 1.0
+        y[s] = lab[:, None]
+    return x, y
+
+
+def bayes_auc(delta: float) -> float:
+    return 0.5 * (1 + math.erf(delta / 2))  # Phi(delta / sqrt 2)
+
+
+def test_logreg_reaches_the_bayes_optimal_auc_of_a_known_linear_task() -> None:
+    delta = 1.5
+    x, y = _gaussian_binary({"train": 3000, "val": 500, "test": 20000}, delta, 20, 0.5, seed=1)
+    r = fit_logreg(x, y, TASKS["breastmnist"])
+    assert abs(r.auc - bayes_auc(delta)) < 0.01, (r.auc, bayes_auc(delta))
+    majority = max(np.mean(y["test"]), 1 - np.mean(y["test"]))
+    assert r.acc > majority
+
+
+def test_knn_equals_scikit_learn_cosine_knn() -> None:
+    for flag in ("dermamnist", "breastmnist"):
+        x, y = _linear_task(flag, {"train": 300, "val": 10, "test": 200}, seed=2)
+        r = fit_knn(x, y, TASKS[flag], k=11)
+        ref = KNeighborsClassifier(n_neighbors=11, metric="cosine", algorithm="brute").fit(x["train"], y["train"][:, 0])
+        proba = np.zeros_like(r.test_scores)
+        proba[:, ref.classes_] = ref.predict_proba(x["test"])
+        assert np.allclose(r.test_scores, proba), flag
+        assert r.acc == pytest.approx(np.mean(ref.predict(x["test"]) == y["test"][:, 0]))
+
+
+def test_knn_multi_label_scores_are_neighbour_label_fractions() -> None:
+    x, y = _linear_task("chestmnist", {"train": 200, "val": 10, "test": 50}, seed=3)
+    r = fit_knn(x, y, TASKS["chestmnist"], k=5)
+    xn = x["train"] / np.linalg.norm(x["train"], axis=1, keepdims=True)
+    sim = x["test"] @ xn.T
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    assert np.allclose(r.test_scores, y["train"][top].mean(axis=1))
+
+
+@pytest.mark.parametrize("flag", ["dermamnist", "breastmnist", "chestmnist"])
+def test_label_subsets_are_stratified_nested_seeded_and_cover_every_class(flag: str) -> None:
+    info = TASKS[flag]
+    _, y = _linear_task(flag, {"train": 2000})
+    y = y["train"]
+    subsets = {f: label_subset(y, f, info, seed=0) for f in (0.01, 0.1, 0.5, 1.0)}
+    assert np.array_equal(subsets[1.0], np.arange(len(y)))
+    assert set(subsets[0.01]) <= set(subsets[0.1]) <= set(subsets[0.5])  # nested
+    assert np.array_equal(subsets[0.1], label_subset(y, 0.1, info, seed=0))  # seeded
+    assert not np.array_equal(subsets[0.1], label_subset(y, 0.1, info, seed=1))
+    for f, rows in subsets.items():
+        if flag == "chestmnist":
+            assert (y[rows].sum(0) > 0)[y.sum(0) > 0].all()  # every label with a positive somewhere has one here
+            assert len(rows) >= round(f * len(y))
+        else:
+            full = np.bincount(y[:, 0], minlength=info.n_outputs)
+            got = np.bincount(y[rows, 0], minlength=info.n_outputs)
+            assert (got[full > 0] >= 1).all()
+            assert np.all(np.abs(got - np.maximum(1, np.round(f * full)) * (full > 0)) <= 0)  # stratified
+
+
+def test_label_subset_rejects_a_fraction_outside_0_1() -> None:
+    with pytest.raises(ValueError, match="label fraction"):
+        label_subset(np.zeros((10, 1)), 0.0, TASKS["breastmnist"])
+
+
+def test_variant_names_round_trip() -> None:
+    for probe, f in (("logreg", 1.0), ("logreg", 0.1), ("logreg", 0.01), ("paper", 0.005), ("knn", 1.0)):
+        assert parse_variant(variant_name(probe, f)) == (probe, pytest.approx(f))
+    assert variant_name("logreg", 0.1) == "logreg_10pct"
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant("Logreg-10")
+
+
+# ----------------------------------------------------------------------------- the analysis of the estimators
+def _points(rows: list[dict], reps: np.ndarray):
+    import pandas as pd
+
+    from biovfm.analysis.scaling import POINT_KEYS, Points
+
+    base = {k: 0 for k in POINT_KEYS} | {"method": "", "model": "", "modality": ""}
+    return Points(pd.DataFrame([base | r for r in rows]), reps)
+
+
+def test_probe_fidelity_pairs_models_and_tasks_and_counts_where_the_paper_head_is_lower() -> None:
+    from biovfm.analysis.estimators import probe_fidelity
+
+    rng = np.random.default_rng(0)
+    keys = [{"kind": "pretrained", "method": "mae", "model": m, "task": t} for m in ("a", "b") for t in ("mean", "x")]
+    ref_reps = rng.normal(0.8, 0.01, (4, 200))
+    shift = np.array([[-0.02], [-0.03], [0.01], [-0.01]])
+    paper = _points([k | {"auc": 0.8 + s[0]} for k, s in zip(keys, shift)], ref_reps + shift)
+    ref = _points([k | {"auc": 0.8} for k in keys][::-1], ref_reps[::-1])  # another row order: matched by keys
+    per, summ = probe_fidelity(paper, ref)
+    assert np.allclose(per["diff"], shift[:, 0])
+    assert np.allclose(per["diff_lo"], shift[:, 0]) and np.allclose(per["diff_hi"], shift[:, 0])  # paired: no spread
+    mean = summ.set_index("task").loc["mean"]
+    assert mean["n_models"] == 2 and mean["n_lower"] == 1 and mean["diff"] == pytest.approx(-0.005)
+    assert probe_fidelity(None, ref)[0].empty
+
+
+def test_summary_rows_per_estimator_from_a_real_mlflow_run(mlflow_uri) -> None:
+    from biovfm import tracking
+    from biovfm.analysis.collect import split_estimators, summary_from_runs
+
+    run = tracking.Run(mlflow_uri, "test", name="evaluate x", tags={"stage": "evaluate", "grid_id": "mae/a", "kind": "pretrained",
+                       "method": "mae", "model": "a", "primary_probe": "logreg"}, params={})
+    metrics = {"auc.t1": 0.9, "acc.t1": 0.8}
+    for name, auc in (("logreg", 0.9), ("paper", 0.85), ("logreg_10pct", 0.8), ("knn", 0.7)):
+        metrics |= {f"auc_{name}.t1": auc, f"acc_{name}.t1": auc - 0.1}
+    run.log_metrics(metrics | {"majority_acc.t1": 0.5})
+    run.finish()
+    s = summary_from_runs(tracking.fetch_runs(mlflow_uri, [run.run_id]))
+    got = {(r.probe, r.label_fraction): (r.auc, r.primary) for r in s.itertuples()}
+    assert got == {("logreg", 1.0): (0.9, True), ("paper", 1.0): (0.85, False), ("logreg", 0.1): (0.8, False),
+                   ("knn", 1.0): (0.7, False)}
+    assert (s["majority_acc"] == 0.5).all()
+    parts = split_estimators(s, {})
+    assert set(parts) == {"logreg", "paper", "logreg_10pct", "knn", "primary"}
+    assert parts["primary"][0]["auc"].tolist() == [0.9]
