@@ -15,6 +15,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/export.smk"  # opt-in target: snakemake --cores all export
 
 
 rule all:

@@ -200,3 +200,31 @@ def test_summary_rows_per_estimator_from_a_real_mlflow_run(mlflow_uri) -> None:
     parts = split_estimators(s, {})
     assert set(parts) == {"logreg", "paper", "logreg_10pct", "knn", "primary"}
     assert parts["primary"][0]["auc"].tolist() == [0.9]
+
+
+def test_the_paper_head_also_reaches_the_bayes_optimal_auc() -> None:
+    from biovfm.evaluate.probe import fit_probe
+
+    delta = 1.5
+    x, y = _gaussian_binary({"train": 3000, "val": 500, "test": 20000}, delta, 20, 0.5, seed=1)
+    r = fit_probe(x, y, TASKS["breastmnist"], normalized=True)  # LayerNorm of 20 Gaussians would lower the optimum
+    assert abs(r.auc - bayes_auc(delta)) < 0.01, (r.auc, bayes_auc(delta))
+
+
+def test_on_small_imbalanced_tasks_the_paper_head_stays_near_the_reference() -> None:
+    """500 train / 80 val, 20% positives, 200 features: the paper's head, on average over tasks, is not worse than
+    the converged reference by more than the tolerance, and its accuracy not below the lower of the reference's and
+    the majority class's."""
+    from biovfm.evaluate.job import majority_acc
+    from biovfm.evaluate.probe import fit_probe, normalize_features
+
+    diffs = []
+    for seed in range(4):
+        x, y = _gaussian_binary({"train": 500, "val": 80, "test": 2000}, 1.2, 200, 0.2, seed=10 + seed)
+        x = {s: normalize_features(a, s) for s, a in x.items()}
+        ref = fit_logreg(x, y, TASKS["breastmnist"])
+        head = fit_probe(x, y, TASKS["breastmnist"], normalized=True)
+        diffs.append(head.auc - ref.auc)
+        floor = min(ref.acc, majority_acc(y["train"], y["test"], TASKS["breastmnist"]))
+        assert head.acc >= floor - 0.03, (head.acc, ref.acc, seed)  # 2,000 test images: 3 standard errors
+    assert np.mean(diffs) > -0.02, diffs

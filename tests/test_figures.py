@@ -49,7 +49,7 @@ def _check_outputs(paths, out_png: Path, min_w: int, min_h: int) -> None:
 
 
 def _check_all(figs: dict, out: Path) -> None:
-    assert len(figs) == 8
+    assert len(figs) == 9
     for png in figs.values():
         _check_outputs((png, png.with_suffix(".svg")), png, min_w=600, min_h=250)
 
@@ -63,9 +63,10 @@ def test_every_figure_and_the_report_from_a_full_fixture(tmp_path: Path) -> None
     html = write_report(tmp_path / "report.html", headline={"n_models": 10}, tables=t, figures=figs,
                         missing=["results/runs/dino/micro/all/n4500/s0/eval.json"], notes=[], study=STUDY).read_text()
     for title in ("A. Mean AUC", "B. Per-task", "C/D.", "E. Pretraining data", "F. Task factors", "Compute view",
-                  "Extrapolation check", "Missing evaluations", "dino/micro/all/n4500", "Not comparable"):
+                  "Extrapolation check", "Label efficiency", "Missing evaluations", "dino/micro/all/n4500",
+                  "Not comparable"):
         assert title in html, title
-    assert html.count("data:image/png;base64,") == 8 and "<script" not in html
+    assert html.count("data:image/png;base64,") == 9 and "<script" not in html
 
 
 @pytest.mark.parametrize(
@@ -123,3 +124,22 @@ def test_paper_comparison_for_a_comparable_run() -> None:
     row = cmp_[(cmp_["method"] == "mae") & (cmp_["model"] == "large") & (cmp_["task"] == "chestmnist")].iloc[0]
     assert row["paper"] == 78.66 and row["diff"] == pytest.approx(row["ours"] - 78.66)
     assert t["paper_note"].startswith("Comparable")
+
+
+def test_label_efficiency_figure_draws_every_fraction_baseline_and_knn(tmp_path: Path) -> None:
+    from biovfm.analysis.figures import plot_label_efficiency
+
+    rows = []
+    for kind, method, model, n, base in (("pretrained", "mae", "pico", 500, 0.70), ("pretrained", "mae", "nano", 500, 0.72),
+                                         ("pretrained", "dino", "pico", 500, 0.71), ("random_init", "", "pico", 0, 0.6),
+                                         ("random_init", "", "nano", 0, 0.61), ("raw_pixels", "", "", 0, 0.65)):
+        for probe, f in (("logreg", 0.01), ("logreg", 0.1), ("logreg", 1.0), ("knn", 1.0)):
+            auc = base - (0.1 if f == 0.01 else 0.05 if f == 0.1 else 0) - (0.03 if probe == "knn" else 0)
+            rows.append({"kind": kind, "method": method, "model": model, "modality": "all" if method else "",
+                         "data_size": n, "params_encoder": {"pico": 2e5, "nano": 6e5}.get(model, 0), "probe": probe,
+                         "label_fraction": f, "auc": auc, "auc_lo": auc - 0.01, "auc_hi": auc + 0.01})
+    png, svg = plot_label_efficiency(pd.DataFrame(rows), tmp_path / "label_efficiency.png")
+    _check_outputs((png, svg), png, min_w=600, min_h=250)
+    text = svg.read_text()
+    for label in ("1%", "10%", "100%", "nano kNN", "raw pixels", "pico random init", "MAE", "DINO"):
+        assert label in text, label

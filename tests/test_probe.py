@@ -10,20 +10,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biovfm.data.medmnist import task_info
+from sklearn.linear_model import LogisticRegression
+
+from biovfm.data.medmnist import BINARY, MULTI_CLASS, MULTI_LABEL, task_info
+from biovfm.evaluate.metrics import get_auc
 from biovfm.evaluate.probe import (
     PAPER_PROBE,
     ProbeConfig,
     _Adam,
     choose_head,
+    column_aucs,
     data_grad,
     extend_grid,
     fit_probe,
     head_losses,
     layer_norm,
+    metric_columns,
     normalize_features,
     train_epochs,
     train_heads,
+    whitening,
 )
 
 SIZES = {"train": 500, "val": 300, "test": 300}
@@ -99,9 +105,10 @@ def test_at_edge_after_max_extensions() -> None:
 
 def test_low_edge_stops_once_the_penalty_no_longer_matters() -> None:
     """Noiseless labels: weaker penalties keep winning until they make no difference to the validation loss;
-    that is the unregularised limit, reached inside the grid search, so the choice is not reported as at an edge."""
+    that is the unregularised limit, reached inside the grid search, so the choice is not reported as at an edge.
+    (The paper's head: its step budget, not the penalty, bounds the weights there.)"""
     x, y, info = linear_task("octmnist", d=32, noise=0.0)
-    r = fit_probe(x, y, info, ProbeConfig(l2_grid=(1e-8, 1e-7, 1e-6), max_grid_extensions=3))
+    r = fit_probe(x, y, info, replace(PAPER_PROBE, l2_grid=(1e-8, 1e-7, 1e-6), max_grid_extensions=3))
     assert r.l2_grid == [1e-8, 1e-7, 1e-6] and not r.at_edge and r.l2 == pytest.approx(1e-8)
 
 
@@ -224,10 +231,11 @@ def test_batched_heads_match_a_plain_torch_reference() -> None:
 
 
 def test_paper_protocol_values() -> None:
-    """PAPER_PROBE is the paper's protocol; the default differs only in the three fidelity fields."""
-    assert (PAPER_PROBE.select_l2, PAPER_PROBE.select_epoch, PAPER_PROBE.min_steps) == ("loss", "best_loss", 0)
+    """PAPER_PROBE is the paper's protocol; the default differs only in the four fidelity fields."""
+    paper = (PAPER_PROBE.whiten, PAPER_PROBE.select_l2, PAPER_PROBE.select_epoch, PAPER_PROBE.min_steps)
+    assert paper == (False, "loss", "best_loss", 0)
     assert (PAPER_PROBE.lr, PAPER_PROBE.epochs, PAPER_PROBE.batch_size) == (0.01, 100, 128)
-    assert replace(ProbeConfig(), select_l2="loss", select_epoch="best_loss", min_steps=0) == PAPER_PROBE
+    assert replace(ProbeConfig(), whiten=False, select_l2="loss", select_epoch="best_loss", min_steps=0) == PAPER_PROBE
 
 
 @pytest.mark.parametrize("bad", [{"select_l2": "acc"}, {"select_epoch": "best_auc"}, {"min_steps": -1}, {"epochs": 0}])
@@ -299,3 +307,87 @@ def test_normalized_features_give_the_same_probe() -> None:
     assert isinstance(z["train"], np.ndarray) and np.allclose(z["train"], layer_norm(x["train"]).numpy())
     a, b = fit_probe(x, y, info, cfg), fit_probe(z, y, info, cfg, normalized=True)
     assert np.array_equal(a.test_scores, b.test_scores) and a.l2 == b.l2
+
+
+def collinear_task(noise: float = 0.01, d: int = 24, k: int = 4, sizes: tuple[int, int, int] = (400, 200, 200)):
+    """Strongly collinear features (rank k plus small noise, offset per feature) whose binary label depends on
+    the small, noise directions only: the ridge optimum needs large weights along low-variance directions."""
+    rng = np.random.default_rng(0)
+    mix, offset, w = rng.normal(size=(k, d)), rng.normal(size=d) * 3, rng.normal(size=d)
+    x, y = {}, {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        eps = rng.normal(size=(n, d))
+        x[split] = (rng.normal(size=(n, k)) @ mix + noise * eps + offset).astype(np.float32)
+        y[split] = (eps @ w * 2 / np.sqrt(d) + rng.logistic(size=n) > 0).astype(np.int64)[:, None]
+    return x, y, task_info("breastmnist")
+
+
+def test_whitened_head_reaches_the_ridge_optimum_the_paper_head_misses() -> None:
+    """Same objective, two optimisations: the whitened head's test probabilities match a converged logistic
+    regression with the same penalty (two softmax logits with L2 lam on each = one logit with C = 1/(lam N));
+    the paper's head, at the same lam, stops far from it."""
+    x, y, info = collinear_task()
+    lam = 1e-5
+    ln = {s: layer_norm(v).numpy().astype(np.float64) for s, v in x.items()}
+    mu, sd = ln["train"].mean(0), np.sqrt(ln["train"].var(0) + 1e-6)
+    ref = LogisticRegression(C=1 / (lam * len(ln["train"])), max_iter=100_000, tol=1e-10)
+    ref.fit((ln["train"] - mu) / sd, y["train"][:, 0])
+    p_ref = ref.predict_proba((ln["test"] - mu) / sd)[:, 1]
+    white = fit_probe(x, y, info, ProbeConfig(l2_grid=(lam,)))
+    paper = fit_probe(x, y, info, replace(PAPER_PROBE, l2_grid=(lam,)))
+    assert np.abs(white.test_scores[:, 1] - p_ref).max() < 0.03
+    assert np.abs(paper.test_scores[:, 1] - p_ref).max() > 0.2
+    assert white.auc > paper.auc + 0.1
+
+
+def test_whitening_gives_identity_covariance_and_drops_the_layer_norm_direction() -> None:
+    x = layer_norm(collinear_task()[0]["train"])
+    w = whitening(x)
+    assert w.basis.shape == (24, 23)  # LayerNorm-ed rows sum to 0: one direction has no variance
+    u = w.apply(x).double()
+    cov = torch.cov(u.t(), correction=0)
+    assert torch.allclose(cov, torch.eye(23, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(u.mean(0), torch.zeros(23, dtype=torch.float64), atol=1e-4)
+    sub = whitening(x, max_rows=100)  # the covariance from every 4th row: roughly a whitening
+    var = torch.cov(sub.apply(x).double().t(), correction=0).diagonal()
+    assert sub.basis.shape == (24, 23) and not torch.allclose(var, torch.ones(23, dtype=torch.float64), atol=1e-3)
+    assert ((var > 0.25) & (var < 4)).all()
+
+
+def test_whitened_fit_folds_back_to_standardised_weights() -> None:
+    """The kept weights, folded out of whitened coordinates, give the validation loss the training loop saw."""
+    x, y, info = linear_task("dermamnist", d=32, noise=1.0, sizes={"train": 300, "val": 100, "test": 100})
+    r = fit_probe(x, y, info, ProbeConfig(epochs=10, min_steps=0))
+    ce = -np.mean(np.log(r.val_scores[np.arange(len(r.val_scores)), y["val"][:, 0]]))
+    assert ce == pytest.approx(r.val_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, MULTI_LABEL])
+def test_column_aucs_equal_the_medmnist_auc(task: str) -> None:
+    """The fast AUC that picks the L2 value is metrics.get_auc, ties included."""
+    rng = np.random.default_rng(0)
+    k = 2 if task == BINARY else 5
+    y = rng.integers(0, 2, (300, k)) if task == MULTI_LABEL else rng.integers(0, k, (300, 1))
+    scores = np.round(rng.random((300, k)), 1) + 0.01  # many ties
+    if task != MULTI_LABEL:
+        scores /= scores.sum(1, keepdims=True)
+    truth, cols = metric_columns(y, scores, task)
+    assert column_aucs(truth, cols).mean() == pytest.approx(get_auc(y, scores, task), abs=1e-12)
+    assert np.isnan(column_aucs(np.zeros((5, 1)), rng.random((5, 1)))).all()  # one class only: undefined
+
+
+def test_accuracy_not_below_majority_where_logistic_regression_is_not() -> None:
+    """Raw-pixel-like features (per-pixel offsets, smooth collinear variation) of an imbalanced binary task
+    sized like BreastMNIST (546/78 train/val): a converged logistic regression with C chosen on validation AUC
+    scores 0.812 test accuracy against 0.795 for the majority class, so the default probe must not fall below it."""
+    rng = np.random.default_rng(3)
+    d = 196
+    offset, basis = rng.uniform(0.2, 0.8, d), rng.normal(size=(8, d))
+    x, y = {}, {}
+    for split, n in (("train", 546), ("val", 78), ("test", 600)):
+        latent = rng.normal(size=(n, 8))
+        y[split] = (latent[:, 0] * 1.5 + rng.logistic(size=n) > 2.0).astype(np.int64)[:, None]
+        x[split] = (offset + 0.1 * latent @ basis / np.sqrt(8) + 0.02 * rng.normal(size=(n, d))).astype(np.float32)
+    r = fit_probe(x, y, task_info("breastmnist"))
+    majority = float(np.mean(y["test"] == 0))
+    assert majority == pytest.approx(0.795) and r.acc >= majority

@@ -158,6 +158,19 @@ def _aggregate(a: argparse.Namespace) -> None:
               corpus_report=a.corpus_report)
 
 
+def _export(a: argparse.Namespace) -> None:
+    from biovfm import export
+
+    if a.select and (a.run or a.out):
+        raise ValueError("give either RUN (and --out) or --select, not both")
+    if a.select:
+        export.export_selected(a.select, a.results, a.out_root, a.corpus, a.manifest)
+    elif a.run:
+        export.export_run(a.run, a.out, a.results, a.corpus)
+    else:
+        raise ValueError("nothing to export: give a run folder or id (e.g. mae/micro/all/n4500/s0), or --select best|all")
+
+
 def _show_tasks(a: argparse.Namespace) -> None:
     from biovfm.analysis.figures import plot_task_examples
 
@@ -291,6 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each test set")
     s.add_argument("--out", required=True, help="results folder")
     s.set_defaults(fn=_aggregate)
+
+    s = sub.add_parser("export", help="an encoder as a folder timm loads offline: model.safetensors, config.json "
+                       "(timm's hub layout) and a model card (README.md)")
+    s.add_argument("run", nargs="?", default="", help="run folder, or run id under RESULTS/runs (mae/micro/all/n4500/s0)")
+    s.add_argument("--out", default="", help="export folder (default RESULTS/export/<method>-<model>-<modality>-n<N>-s<seed>)")
+    s.add_argument("--results", default="results", help="the study's results folder (run ids, points.csv, baselines)")
+    s.add_argument("--corpus", default="data/processed/corpus",
+                   help="the pretraining store (report.json, index.csv): sources, counts and licenses for the card")
+    s.add_argument("--select", choices=["best", "all"], default="",
+                   help="instead of RUN: from RESULTS/summary.csv, each method's best run by mean AUC, or every run")
+    s.add_argument("--out-root", default="", help="with --select: parent of the export folders (default RESULTS/export)")
+    s.add_argument("--manifest", default="", help="with --select: JSON list of the exports (default OUT_ROOT/exported.json)")
+    s.set_defaults(fn=_export)
 
     s = sub.add_parser("sync", help="push the study (data, checkpoints, MLflow store, results) to a DVC remote, or "
                        "pull it and mark it up to date so only missing outputs rebuild")
