@@ -228,3 +228,16 @@ def test_on_small_imbalanced_tasks_the_paper_head_stays_near_the_reference() -> 
         floor = min(ref.acc, majority_acc(y["train"], y["test"], TASKS["breastmnist"]))
         assert head.acc >= floor - 0.03, (head.acc, ref.acc, seed)  # 2,000 test images: 3 standard errors
     assert np.mean(diffs) > -0.02, diffs
+
+
+def test_below_majority_flags_only_accuracies_whose_interval_is_under_the_majority_class() -> None:
+    import pandas as pd
+
+    from biovfm.analysis.estimators import below_majority
+
+    rows = [{"kind": "pretrained", "method": "mae", "model": m, "task": "breastmnist", "auc": 0.6, "acc": acc,
+             "acc_lo": acc - 0.04, "acc_hi": acc + 0.04} for m, acc in (("a", 0.70), ("b", 0.70), ("c", 0.66))]
+    pts = _points(rows, np.zeros((3, 5)))
+    summary = pd.DataFrame({"task": ["breastmnist"], "majority_acc": [0.73]})
+    got = below_majority(summary, {"logreg_10pct": pts})
+    assert got["model"].tolist() == ["c"] and got["label_fraction"].tolist() == [0.1]

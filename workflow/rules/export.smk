@@ -16,14 +16,14 @@ rule export:
         f"{EXPORT_DIR}/exported.json",
     params:
         select="all" if config["export"]["all"] else "best",
-        corpus=CORPUS_DIR,
-        out_root=EXPORT_DIR,
+        corpus=lambda w, input: os.path.dirname(input.corpus),
+        out_root=lambda w, output: os.path.dirname(output[0]),
     resources:
         **cfg.cluster_resources(config, "export"),  # SLURM only: partition, account, mem_mb, runtime
     log:
         "results/logs/export.log",
     message:
-        "Exporting {params.select} encoder(s) for timm into " + EXPORT_DIR
+        "Exporting {params.select} encoder(s) for timm into {params.out_root}"
     shell:
         "biovfm export --select {params.select} --results results --corpus {params.corpus:q} "
         "--out-root {params.out_root:q} --manifest {output:q} 2>&1 | tee {log:q}"

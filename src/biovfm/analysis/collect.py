@@ -182,7 +182,7 @@ def analyse(summary: pd.DataFrame, reps: dict, stats: pd.DataFrame, study: dict,
             "paper_slopes": paper.slope_comparison(pd.concat([fits, variant_fits], ignore_index=True),
                                                    scaling.main_series(points), primary),
             "paper_note": why, "probe_fidelity": fidelity, "probe_fidelity_summary": fidelity_summary,
-            "below_majority": estimators.below_majority(_estimator_columns(summary)),
+            "below_majority": estimators.below_majority(_estimator_columns(summary), variants),
             "label_efficiency": label_curve,
             "label_sentence": estimators.label_gain_sentence(label_curve, primary) if len(label_curve) else ""}
 

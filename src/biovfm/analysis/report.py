@@ -124,9 +124,10 @@ def _fidelity_section(t: dict[str, Any]) -> str:
     per = t["probe_fidelity"]
     per_model = per[per["task"] == MEAN_TASK]
     bad = t.get("below_majority", pd.DataFrame())
-    floor = ("<p class='note'>No estimator scored below the majority-class accuracy on a binary task.</p>" if bad.empty
-             else "<p class='bad'>Below the majority-class accuracy on a binary task:</p>"
-             + _table(bad, left=("run_id", "task", "probe")))
+    floor = ("<p class='note'>No estimator scored below the majority-class accuracy on a binary task (beyond the 95% "
+             "interval of its accuracy).</p>" if bad.empty
+             else "<p class='bad'>Below the majority-class accuracy on a binary task (the whole 95% interval of the "
+             "accuracy under it):</p>" + _table(bad, left=("kind", "method", "model", "modality", "task", "probe")))
     return ("<h2>Probe fidelity: the paper's head against the reference probe</h2>"
             f"<p>On the same cached features, the paper's head (LN, BN, Linear, AdamW) scores "
             f"{AUC_SCALE * mean['diff']:+.2f} AUC×100 [{AUC_SCALE * mean['diff_lo']:+.2f}, {AUC_SCALE * mean['diff_hi']:+.2f}] "
