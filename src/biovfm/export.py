@@ -583,8 +583,8 @@ def export_selected(select: str, results: str | Path = "results", out_root: str 
     runs = select_runs(summary, select)
     scores = mean_aucs(summary)
     outs = []
-    for run_id in runs:
-        folder = resolve_run_dir(run_id, results)
+    for rid in runs:
+        folder = resolve_run_dir(rid, results)
         outs.append(export_run(folder, out_root / export_name(read_run(folder)), results, corpus))
     write_json(Path(manifest) if manifest else out_root / MANIFEST,
                {"select": select, "summary": str(summary),

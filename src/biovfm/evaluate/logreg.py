@@ -27,7 +27,7 @@ import scipy.optimize
 import torch
 
 from biovfm.data.medmnist import BINARY, MULTI_LABEL, TaskInfo
-from biovfm.evaluate.metrics import UndefinedAUCError, get_acc, get_auc, scores_from_logits
+from biovfm.evaluate.metrics import auc_or_nan, get_acc, get_auc, scores_from_logits
 
 CHUNK = 8192  # rows per float64 block: bounds the solver's memory by the chunk, not the task
 CACHE_BYTES = 256 * 2**20  # training rows up to this size (float64) are standardised once and kept on the device
@@ -173,14 +173,6 @@ def solve(obj: _Objective, w: torch.Tensor, b: torch.Tensor, c: float, cfg: LogR
     return int(res.nit), bool(res.nit < cfg.max_iter or grad_max <= cfg.tol)
 
 
-def _val_auc(y: np.ndarray, scores: np.ndarray, task: str) -> float:
-    try:
-        return get_auc(y, scores, task)
-    except UndefinedAUCError as e:
-        warnings.warn(f"val AUC set to NaN: {e}", stacklevel=3)
-        return float("nan")
-
-
 def fit_logreg(x: dict[str, np.ndarray], y: dict[str, np.ndarray], info: TaskInfo, cfg: LogRegConfig = LogRegConfig(),
                train_rows: np.ndarray | None = None, device: torch.device | str = "cpu") -> LogRegResult:
     """Fit on ``x['train'][train_rows]`` (all rows by default) for every C, choose C on validation AUC, score test.
@@ -206,7 +198,7 @@ def fit_logreg(x: dict[str, np.ndarray], y: dict[str, np.ndarray], info: TaskInf
     for c in grid:  # strong to weak penalty, each fit warm-started from the previous optimum
         n_iter, ok = solve(obj, w, b, c, cfg)
         val_scores = task_scores(logits_of(x["val"], w, b, mu, sd), info)
-        auc = _val_auc(y_val, val_scores, info.task)
+        auc = auc_or_nan(y_val, val_scores, info.task)
         key = -1.0 if math.isnan(auc) else auc
         if best is None or key > best[0] + 1e-12:
             best = (key, c, w.clone(), b.clone(), val_scores, auc, n_iter, ok)

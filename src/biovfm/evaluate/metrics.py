@@ -8,6 +8,8 @@ difference: an undefined AUC (a class or label with only one value in ``y_true``
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -80,3 +82,12 @@ def get_acc(y_true: np.ndarray, y_score: np.ndarray, task: str, threshold: float
     if task == BINARY:
         return float(accuracy_score(y_true, _last_column(y_score) > threshold))
     return float(accuracy_score(y_true, np.argmax(y_score, axis=-1)))
+
+
+def auc_or_nan(y_true: np.ndarray, y_score: np.ndarray, task: str) -> float:
+    """:func:`get_auc`, NaN with a warning when undefined: a tiny validation split must not abort a probe."""
+    try:
+        return get_auc(y_true, y_score, task)
+    except UndefinedAUCError as e:
+        warnings.warn(f"val AUC set to NaN: {e}", stacklevel=3)
+        return float("nan")

@@ -24,7 +24,6 @@ on the schedule, not on the objective. The penalty covers the weights, not the b
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from biovfm.data.medmnist import BINARY, MULTI_LABEL, TaskInfo
-from biovfm.evaluate.metrics import UndefinedAUCError, get_acc, get_auc, scores_from_logits
+from biovfm.evaluate.metrics import auc_or_nan, get_acc, get_auc, scores_from_logits
 
 LN_EPS = 1e-6
 LN_CHUNK = 4096  # rows per float64 block of layer_norm (2 blocks of 77 MB at 2352 features)
@@ -467,15 +466,6 @@ def _merge(a: HeadFit, b: HeadFit) -> HeadFit:
     )
 
 
-def _val_auc(y: np.ndarray, scores: np.ndarray, task: str) -> float:
-    """Validation AUC, NaN with a warning when undefined: a tiny val split must not abort the probe."""
-    try:
-        return get_auc(y, scores, task)
-    except UndefinedAUCError as e:
-        warnings.warn(f"val AUC set to NaN: {e}", stacklevel=3)
-        return float("nan")
-
-
 def column_aucs(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """ROC-AUC of every column of ``scores`` (N x K) against the 0/1 columns of ``truth`` (N x K), NaN where a
     column has one class only. The rank-sum (Mann-Whitney) form with average ranks for ties, which is the value
@@ -602,7 +592,7 @@ def fit_probe(
         val_scores=val_scores,
         auc=get_auc(y["test"], test_scores, info.task),
         acc=get_acc(y["test"], test_scores, info.task),
-        val_auc=_val_auc(y["val"], val_scores, info.task),
+        val_auc=auc_or_nan(y["val"], val_scores, info.task),
         val_loss=float(fit.best_val_loss[best]),
         l2=float(fit.l2[best]),
         l2_grid=[float(v) for v in fit.l2],
