@@ -135,8 +135,7 @@ def split_estimators(summary: pd.DataFrame, reps: dict) -> dict[str, tuple[pd.Da
         p = g[g["primary"].astype(bool)]
         if len(p):
             prim_rows.append(p)
-            prim_reps |= {k: v for k, v in r.items() if k in set(zip(p["mlflow_run_id"], p["task"]))} \
-                if "mlflow_run_id" in p else r
+            prim_reps |= r  # the primary rows are one variant's: its replicates are theirs
     out["primary"] = (pd.concat(prim_rows, ignore_index=True) if prim_rows else summary.iloc[:0], prim_reps)
     return out
 

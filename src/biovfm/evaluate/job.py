@@ -67,6 +67,11 @@ def _subset(x: dict[str, np.ndarray], y: dict[str, np.ndarray], rows: np.ndarray
     return {**x, "train": np.asarray(x["train"][rows])}, {**y, "train": np.asarray(y["train"])[rows]}
 
 
+def _config(cls: type, values: dict[str, Any]) -> Any:
+    """A frozen config dataclass from params (YAML lists become the tuples the dataclass holds)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def estimators(job: EvalJob, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], info: TaskInfo,
                device: torch.device) -> dict[str, dict[str, Any]]:
     """Every estimator of the job on one task's features, by variant name: the paper's head, the reference
@@ -75,8 +80,7 @@ def estimators(job: EvalJob, feats: dict[str, np.ndarray], labels: dict[str, np.
     The features are LayerNorm-ed in place first (the paper's frozen fc_norm: part of the representation), so
     every estimator reads the same matrix."""
     feats = {s: normalize_features(feats[s], s, inplace=True) for s in SPLITS}
-    probe_cfg = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.probe.items()})
-    lr_cfg = LogRegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job.logreg.items()})
+    probe_cfg, lr_cfg = _config(ProbeConfig, job.probe), _config(LogRegConfig, job.logreg)
     out: dict[str, dict[str, Any]] = {}
 
     def paper(x: dict, y: dict) -> dict[str, Any]:
@@ -100,7 +104,7 @@ def estimators(job: EvalJob, feats: dict[str, np.ndarray], labels: dict[str, np.
                 res = logreg(feats, labels, None if frac == 1 else rows)
             else:
                 res = paper(*((feats, labels) if frac == 1 else _subset(feats, labels, rows)))
-            out[variant_name(probe, frac)] = res | {"label_fraction": frac, "n_train": len(rows) if frac < 1 else n_train,
+            out[variant_name(probe, frac)] = res | {"label_fraction": frac, "n_train": len(rows),
                                                     "seconds": time.perf_counter() - t0}
     if job.knn_k > 0:
         t0 = time.perf_counter()
