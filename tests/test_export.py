@@ -1,31 +1,18 @@
 """`biovfm export`: a run folder becomes a folder that timm alone loads offline, with the study's features."""
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from biovfm import export
 from biovfm.cli import main
-from biovfm.config import ModelSpec
-from biovfm.data.store import load_store
 from biovfm.evaluate.features import encoder_features, load_encoder
-from biovfm.io import write_json
-from biovfm.models.vit import build_encoder
-
-SPEC = ModelSpec("femto", embed_dim=32, depth=2, num_heads=2, patch_size=4)
-SIZE = 16
-RUN_ID = "mae/femto/mix/n40/s0"
-POINT = {"kind": "pretrained", "method": "mae", "model": "femto", "modality": "mix", "data_size": "40"}
+from tiny_run import RUN_ID, SIZE, SPEC, make_study, write_csv
 
 # Run in a fresh interpreter that never imports biovfm, with sockets refused: only timm and the folder.
 TIMM_ONLY = """
@@ -55,49 +42,9 @@ np.savez(out, tensor=features(x), pil=features(x_pil), forward=model(x).detach()
 """
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _points(kind: str, aucs: dict[str, float], **cols: str) -> list[dict]:
-    base = {"kind": kind, "method": "", "model": "", "modality": "", "data_size": "0"} | cols
-    return [base | {"task": t, "n_seeds": 1, "auc": a, "auc_lo": a - 0.02, "auc_hi": a + 0.02} for t, a in aucs.items()]
-
-
 @pytest.fixture
 def study(tmp_path, corpus_dir) -> tuple[Path, Path]:
-    """A results folder with one pretrained-and-evaluated run of a tiny seeded encoder, and its corpus."""
-    torch.manual_seed(0)
-    encoder = build_encoder(SPEC, SIZE)
-    with torch.no_grad():  # move every tensor off its init value: the export must carry all of them
-        for p in encoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    run_dir = tmp_path / "results" / "runs" / RUN_ID
-    run_dir.mkdir(parents=True)
-    save_file(encoder.state_dict(), str(run_dir / "checkpoint.safetensors"))
-    job = {"method": "mae", "model": asdict(SPEC), "modality": "mix", "modality_sources": ["xray", "ct"],
-           "data_size": 40, "seed": 0, "image_size": SIZE, "in_chans": 3, "method_cfg": {"mask_ratio": 0.75},
-           "train": {"steps": 3, "batch_size": 8, "base_lr": 1e-3, "precision": "fp32"}, "code_version": "test"}
-    write_json(run_dir / "config.json", job)
-    subset = load_store(corpus_dir).subset(job["modality_sources"], job["data_size"], seed=0)
-    write_json(run_dir / "run.json", {
-        "run_id": RUN_ID, "params_encoder": sum(p.numel() for p in encoder.parameters()), "train_steps": 3,
-        "images_seen": 24, "flops_per_image": 1e6, "train_flops": 7e7, "subset_hash":
-        hashlib.sha1(subset.tobytes()).hexdigest()[:12], "fingerprint": "f" * 16})
-    write_json(run_dir / "eval.json", {"run_id": RUN_ID, "mean_auc": 0.75, "tasks": {
-        "pathmnist": {"auc": 0.8, "primary": "logreg"}, "bloodmnist": {"auc": 0.7, "primary": "logreg"}}})
-    write_json(corpus_dir / "report.json", {"sources": {"test": {"license": "CC BY 4.0", "by_modality": {}}}})
-    aucs = {"pathmnist": 0.8, "bloodmnist": 0.7, "mean": 0.75}
-    _write_csv(tmp_path / "results" / "tables" / "points.csv",
-               _points("pretrained", aucs, method="mae", model="femto", modality="mix", data_size="40")
-               + _points("random_init", {"pathmnist": 0.61, "bloodmnist": 0.62, "mean": 0.615}, method="random",
-                         model="femto")
-               + _points("raw_pixels", {"pathmnist": 0.71, "bloodmnist": 0.72, "mean": 0.715}, method="raw"))
-    return tmp_path / "results", corpus_dir
+    return make_study(tmp_path, corpus_dir)
 
 
 def test_export_loads_in_timm_alone_with_the_study_features(study, tmp_path):
@@ -167,7 +114,7 @@ def test_select_best_run_per_method_by_mean_primary_auc(tmp_path):
                  for t, a in zip(("pathmnist", "bloodmnist"), aucs)]
     rows += [{"run_id": "raw/pixels", "kind": "raw_pixels", "method": "raw", "task": "pathmnist", "primary": True,
               "auc": 0.9}]
-    _write_csv(tmp_path / "summary.csv", rows)
+    write_csv(tmp_path / "summary.csv", rows)
     assert export.select_runs(tmp_path / "summary.csv", "best") == ["dino/c", "mae/b"]
     assert export.select_runs(tmp_path / "summary.csv", "all") == ["dino/c", "mae/a", "mae/b"]
     assert export.hub_license(["generated, Apache-2.0", "CC BY 4.0 (DermaMNIST: CC BY-NC 4.0)"]) == "cc-by-nc-4.0"

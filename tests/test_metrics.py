@@ -127,3 +127,26 @@ def test_absent_class_is_a_clear_error() -> None:
 def test_unknown_task_type() -> None:
     with pytest.raises(ValueError, match="unknown task type"):
         get_auc(MC_Y, MC_S, "multiclass")
+
+
+@pytest.mark.parametrize("task", [BINARY, MULTI_CLASS, MULTI_LABEL])
+def test_rank_auc_and_accuracy_equal_sklearn_on_random_scores_with_ties(task) -> None:
+    """The rank-based AUC is sklearn's roc_auc_score (ties included) and the accuracy is accuracy_score."""
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    n, k = 300, 5
+    scores = np.round(rng.random((n, k)), 1)  # one decimal: many ties
+    if task == MULTI_LABEL:
+        y = (rng.random((n, k)) < 0.3).astype(int)
+        auc = np.mean([roc_auc_score(y[:, i], scores[:, i]) for i in range(k)])
+        acc = np.mean([accuracy_score(y[:, i], scores[:, i] > 0.5) for i in range(k)])
+    elif task == BINARY:
+        y = (rng.random((n, 1)) < 0.2).astype(int)
+        auc, acc = roc_auc_score(y[:, 0], scores[:, -1]), accuracy_score(y[:, 0], scores[:, -1] > 0.5)
+    else:
+        y = rng.integers(0, k, (n, 1))
+        auc = np.mean([roc_auc_score(y[:, 0] == i, scores[:, i]) for i in range(k)])
+        acc = accuracy_score(y[:, 0], scores.argmax(1))
+    assert get_auc(y, scores, task) == pytest.approx(auc, abs=1e-12)
+    assert get_acc(y, scores, task) == pytest.approx(acc, abs=1e-15)

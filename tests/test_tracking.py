@@ -19,6 +19,48 @@ def test_init_is_idempotent(mlflow_uri):
     assert tracking.init_store(mlflow_uri, "test") == tracking.init_store(mlflow_uri, "test")
 
 
+def test_the_experiment_is_marked_as_model_training_so_the_ui_opens_on_its_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.init_store(uri, "new")
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("new").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = client.create_experiment("old")  # a store made before the tag existed
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    tracking.init_store(uri, "old")
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+DATASETS = [{"name": "pathmnist", "digest": "abc123", "source": "data/processed/tasks/pathmnist_28.npz",
+             "profile": {"train": 500, "val": 200, "test": 500}, "context": "evaluation"},
+            {"name": "corpus/all", "digest": "def456", "source": "data/processed/corpus", "profile": {"images": 4500},
+             "context": "training"}]
+
+
+def _inputs(client, run_id: str) -> list[tuple[str, str, str, str]]:
+    r = client.get_run(run_id)
+    return sorted((d.dataset.name, d.dataset.digest, d.tags[0].value, d.dataset.profile) for d in r.inputs.dataset_inputs)
+
+
+def test_datasets_and_artifacts_of_a_run(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "report.html").write_text("<html>report</html>")
+    run = tracking.Run(mlflow_uri, "test", name="x", tags={"grid_id": "x"}, params={}, start_time=1_000)
+    run.log_inputs(DATASETS)
+    assert run.log_artifacts([(tmp_path / "report.html", ""), (tmp_path / "report.html", "copies")]) == 2
+    run.finish(end_time=61_000)
+    client = MlflowClient(mlflow_uri)
+    assert _inputs(client, run.run_id) == [("corpus/all", "def456", "training", '{"images": 4500}'),
+                                           ("pathmnist", "abc123", "evaluation",
+                                            '{"train": 500, "val": 200, "test": 500}')]
+    info = client.get_run(run.run_id).info
+    assert (info.start_time, info.end_time) == (1_000, 61_000)  # the span the job says, not when it was logged
+    assert sorted(f.path for f in client.list_artifacts(run.run_id)) == ["copies", "report.html"]
+    assert client.download_artifacts(run.run_id, "report.html", str(tmp_path / "dl")).endswith("report.html")
+
+
 def test_aggregate_selects_exactly_the_named_runs(mlflow_uri):
     stale = _eval_run(mlflow_uri, "mae/femto/all/n60/s0", 0.51)  # an earlier run of the same grid point
     current = _eval_run(mlflow_uri, "mae/femto/all/n60/s0", 0.77)
@@ -108,6 +150,7 @@ def test_import_replays_records_once_and_aggregate_finds_them(tmp_path, monkeypa
                       "kind": "pretrained", "method": "mae", "model": "femto", "data_size": "60", "seed": "0"},
                       params={"kind": "pretrained"}, key="evaluate:mae/n60:f2", record=tracking.record_path(pre / "eval.json"))
     ev.log_metrics({"auc.pathmnist": 0.7, "acc.pathmnist": 0.6})
+    ev.log_inputs(DATASETS[:1])
     ev.finish()
     eval_record = {"run_id": "mae/n60", "mlflow_run_id": ev.run_id, "mlflow_key": ev.key}
     assert (pre / "eval.mlflow.json").is_file() and ev.run_id is None
@@ -130,6 +173,7 @@ def test_import_replays_records_once_and_aggregate_finds_them(tmp_path, monkeypa
     assert sorted(m.step for m in client.get_metric_history(p.info.run_id, "loss")) == [1, 2, 3, 4, 5]
     assert "images_seen" not in p.data.metrics and len(client.get_metric_history(p.info.run_id, "lr")) == 5
     got = tracking.fetch_eval_runs(store, [eval_record])
+    assert [i[:3] for i in _inputs(client, got[0]["run_id"])] == [("pathmnist", "abc123", "evaluation")]  # once
     assert got[0]["metrics"]["auc.pathmnist"] == 0.7 and got[0]["tags"]["grid_id"] == "mae/n60"
     assert summary_from_runs(got).loc[0, "auc"] == pytest.approx(0.7)
     assert json.loads((pre / "mlflow.json").read_text())["mlflow_run_id"] is None  # outputs are never rewritten

@@ -182,7 +182,7 @@ def test_jobs_log_live_to_a_server_and_every_grid_point_is_there(study):
     by = {(tags(r)["stage"], tags(r).get("grid_id", "")): r for r in runs}
     pre, evals = expected_runs(p)
     assert {g for s, g in by if s == "pretrain"} == pre and {g for s, g in by if s == "evaluate"} == evals
-    assert len(runs) == len(pre) + len(evals) + 1  # + the corpus report; no duplicates
+    assert len(runs) == len(pre) + len(evals) + 2  # + the corpus report and the aggregate run; no duplicates
     for r in runs:
         assert r["info"]["status"] == "FINISHED" and tags(r)["biovfm.key"]
     for g in pre:
@@ -192,8 +192,17 @@ def test_jobs_log_live_to_a_server_and_every_grid_point_is_there(study):
         rec = json.loads((work / "results" / "runs" / g / "mlflow.json").read_text())
         assert rec["logged_live"] and rec["mlflow_run_id"] == run["info"]["run_id"]
     for g in evals:
-        m = metrics(by[("evaluate", g)])
+        run = by[("evaluate", g)]
+        m = metrics(run)
         assert {"auc.pathmnist", "auc.breastmnist", "mean_auc"} <= set(m)
+        span_s = (int(run["info"]["end_time"]) - int(run["info"]["start_time"])) / 1000
+        assert span_s >= m["wall_time_s"] - 0.5, (g, span_s, m["wall_time_s"])  # the run spans the job's work
+        inputs = run["inputs"]["dataset_inputs"]
+        assert sorted(i["dataset"]["name"] for i in inputs) == ["breastmnist", "pathmnist"]
+    agg = by[("aggregate", "aggregate")]
+    assert any(k.startswith("slope.pretrained/mae") for k in metrics(agg))
+    listed = server.api("artifacts/list", run_id=agg["info"]["run_id"]).get("files", [])
+    assert {"report.html", "summary.csv", "figures", "tables"} <= {f["path"] for f in listed}
     summary = pd.read_csv(work / "results" / "summary.csv")
     assert set(summary["mlflow_run_id"]) == {by[("evaluate", g)]["info"]["run_id"] for g in evals}
     # everything is already in MLflow: an import adds nothing
@@ -219,11 +228,14 @@ def test_mlflow_ui_shows_the_runs_in_a_real_browser(study, tmp_path):
         pytest.skip("no chromium on PATH")
     from PIL import Image
 
-    page = f"{server.url}/#/experiments/{server.experiment_id('test')}/runs"
+    exp = server.api("experiments/get", experiment_id=server.experiment_id("test"))["experiment"]
+    assert {t["key"]: t["value"] for t in exp.get("tags", [])}.get("mlflow.experimentKind") == "custom_model_development"
+    page = f"{server.url}/#/experiments/{server.experiment_id('test')}"  # what a user opens: the experiment itself
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
     dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-    assert f"pretrain {sorted(pre)[0]}" in dom, f"the runs table did not render: {dom[-2000:]}"
+    assert f"pretrain {sorted(pre)[0]}" in dom, f"the experiment did not open on its runs table: {dom[-2000:]}"
+    assert "aggregate" in dom  # the run that holds the report
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "mlflow_ui.png"
     shot.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from biovfm.config import grid_points, validate_params
@@ -70,15 +71,32 @@ def test_bad_params_fail_before_any_job(workdir):
     assert not (workdir / "results").exists()
 
 
+def _outside_encoder(workdir: Path, p: dict) -> str:
+    """A timm ViT with weights saved in the study folder, as evaluate.external (a user's local weights file)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    args = {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    (workdir / "weights").mkdir()
+    save_file(model.state_dict(), str(workdir / "weights" / "outside vit.safetensors"))  # a space: quoted paths
+    p["evaluate"]["external"] = [{"name": "outside-vit", "arch": "vit_tiny_patch16_224", "model_args": args,
+                                  "path": "weights/outside vit.safetensors"}]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    return "outside-vit"
+
+
 @pytest.mark.slow
 def test_small_study_end_to_end(workdir):
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    outside = _outside_encoder(workdir, p)
     snakemake(workdir, "--cores", "2")
     res = workdir / "results"
     summary = pd.read_csv(res / "summary.csv", keep_default_na=False)
-    p = yaml.safe_load((workdir / "params.yaml").read_text())
     n_tasks = len(p["data"]["tasks"])
     n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
-    n_models = n_pre + len(p["grid"]["models"]) + 1  # + random-init per size + raw pixels
+    n_models = n_pre + len(p["grid"]["models"]) + 1 + 1  # + random-init per size + raw pixels + the outside encoder
     fractions = validate_params(p)["evaluate"]["label_fractions"]
     n_estimators = 2 + len(fractions)  # paper, kNN, logreg at each fraction (1 among them)
     assert len(summary) == n_models * n_tasks * n_estimators
@@ -86,7 +104,10 @@ def test_small_study_end_to_end(workdir):
     assert len(primary) == n_models * n_tasks and set(primary["probe"]) == {"logreg"}
     assert set(summary["probe"]) == {"logreg", "paper", "knn"}
     assert sorted(summary.loc[summary["probe"] == "logreg", "label_fraction"].unique()) == sorted(fractions)
-    assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels"}
+    assert set(summary["kind"]) == {"pretrained", "random_init", "raw_pixels", "external"}
+    ext = summary[summary["kind"] == "external"]
+    assert set(ext["model"]) == {outside} and len(ext) == n_tasks * n_estimators and ext["params_encoder"].gt(0).all()
+    assert f"{outside} (" in (res / "figures" / "mean_auc_vs_params.svg").read_text()  # its reference line
     assert summary["auc"].between(0, 1).all() and summary["acc"].between(0, 1).all()
     assert set(summary.loc[summary["kind"] == "pretrained", "method"]) == {"mae", "dino"}
     for fig in ("mean_auc_vs_params", "task_grid", "task_slopes", "data_comparison", "auc_vs_data_size",
@@ -131,7 +152,18 @@ def test_small_study_end_to_end(workdir):
     exp = client.get_experiment_by_name(p["tracking"]["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     stages = pd.Series([r.data.tags["stage"] for r in runs]).value_counts().to_dict()
-    assert stages == {"preprocess": 1, "pretrain": n_pre, "evaluate": n_models}
+    assert stages == {"preprocess": 1, "pretrain": n_pre, "evaluate": n_models, "aggregate": 1}
+    exp_tags = exp.tags
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    agg = next(r for r in runs if r.data.tags["stage"] == "aggregate")
+    assert {"report.html", "summary.csv", "summary.json", "fits.csv", "figures", "tables"} == {
+        f.path for f in client.list_artifacts(agg.info.run_id)}
+    assert len(client.list_artifacts(agg.info.run_id, "figures")) >= 9
+    slopes = {k: v for k, v in agg.data.metrics.items() if k.startswith("slope.pretrained/")}
+    assert len(slopes) == 2 * len(p["grid"]["data_sizes"]) and agg.data.metrics["n_models"] == n_models
+    ev = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert {d.dataset.name for d in ev.inputs.dataset_inputs} == set(p["data"]["tasks"])
+    assert (ev.info.end_time - ev.info.start_time) / 1000 >= ev.data.metrics["wall_time_s"] - 0.5
     corpus = json.loads((workdir / "data" / "processed" / "corpus" / "report.json").read_text())
     assert corpus["n_images"] == corpus["sources"]["synthetic"]["kept"] == p["data"]["synthetic"]["corpus_size"]
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -142,6 +174,7 @@ def test_small_study_end_to_end(workdir):
         steps = p["methods"][method].get("pretrain", {}).get("steps", p["pretrain"]["steps"])
         assert len(client.get_metric_history(run.info.run_id, "loss")) == steps  # the live curve, every step
         assert {"train_flops", "images_per_s", "peak_rss_mb", "wall_time_s"} <= set(run.data.metrics)
+        assert [(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs] == [("corpus/all", "training")]
         if method == "dino":
             assert {"teacher_entropy", "kl", "ibot_loss"} <= set(run.data.metrics)
 

@@ -155,7 +155,7 @@ def _aggregate(a: argparse.Namespace) -> None:
     from biovfm.analysis.collect import aggregate
 
     aggregate(a.evals, a.uri, a.out, study=json.loads(a.study), task_stats=a.task_stats, n_boot=a.n_boot,
-              corpus_report=a.corpus_report)
+              corpus_report=a.corpus_report, experiment=a.experiment, workers=a.threads)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--corpus-report", default=None,
                    help="the corpus report (data/processed/corpus/report.json): what the corpus left out, in the report")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each test set")
+    s.add_argument("--experiment", default=None,
+                   help="MLflow experiment of an aggregate run holding the report, figures, tables and headline")
+    s.add_argument("--threads", type=int, default=1, help="processes of the bootstrap (one task each)")
     s.add_argument("--out", required=True, help="results folder")
     s.set_defaults(fn=_aggregate)
 

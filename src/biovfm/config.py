@@ -117,6 +117,10 @@ def _check_references(p: dict[str, Any], source: str) -> None:
         where = source if i == 0 else f"{source} (grid.extra[{i - 1}])"
         _check_grid({**p, "grid": grid}, where)
     _check_corpus(p, source)
+    names = [e["name"] for e in p["evaluate"]["external"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ParamsError(f"{source}: evaluate.external: names must be unique ({', '.join(twice)} given twice)")
 
 
 def _check_grid(p: dict[str, Any], source: str) -> None:
@@ -277,6 +281,7 @@ class EvalJob:
     label_fractions: tuple[float, ...] = (1.0,)  # always with 1.0
     descriptors: dict[str, Any] = field(default_factory=dict)  # method, modality, data_size of the grid point
     custom_tasks: tuple[TaskInfo, ...] = ()  # what the job knows of the non-MedMNIST names in ``tasks``
+    external: dict[str, Any] = field(default_factory=dict)  # kind external: the evaluate.external entry
 
     def task_infos(self) -> tuple[TaskInfo, ...]:
         """The TaskInfo of every task, in benchmark order: custom ones from the job, MedMNIST ones by flag."""
@@ -338,7 +343,8 @@ def pretrain_job(p: dict[str, Any], method: str, model: str, modality: str, data
 
 
 def eval_job(p: dict[str, Any], kind: str, run: str, model: str | None = None, seed: int = 0,
-             descriptors: dict[str, Any] | None = None, code_version: str = "") -> EvalJob:
+             descriptors: dict[str, Any] | None = None, code_version: str = "",
+             external: dict[str, Any] | None = None) -> EvalJob:
     e = p["evaluate"]
     return EvalJob(
         kind=kind,
@@ -358,7 +364,16 @@ def eval_job(p: dict[str, Any], kind: str, run: str, model: str | None = None, s
         label_fractions=tuple(sorted({float(f) for f in e["label_fractions"]} | {1.0}, reverse=True)),
         descriptors=dict(descriptors or {}),
         custom_tasks=custom_task_infos(p),
+        external=dict(external or {}),
     )
+
+
+def external_entry(p: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``evaluate.external`` entry called ``name``."""
+    for entry in p["evaluate"].get("external", []):
+        if entry["name"] == name:
+            return dict(entry)
+    raise ParamsError(f"evaluate.external: no entry named {name!r}")
 
 
 def to_json(job: PretrainJob | EvalJob) -> str:
@@ -434,7 +449,8 @@ def code_version(*parts: str) -> str:
 
 # --------------------------------------------------------------------------------------------- cluster (SLURM)
 # Rules whose jobs may run on GPUs, and the section of params' cluster that sizes them by model.
-GPU_RULES = {"pretrain": "pretrain", "evaluate": "evaluate", "evaluate_random_init": "evaluate"}
+GPU_RULES = {"pretrain": "pretrain", "evaluate": "evaluate", "evaluate_random_init": "evaluate",
+             "evaluate_external": "evaluate"}  # outside encoders: cluster.evaluate's `default` size
 
 
 def cluster_resources(p: dict[str, Any], rule: str, model: str | None = None) -> dict[str, Any]:

@@ -34,6 +34,9 @@ DEFAULT_RETRY_S = 15.0
 KEY_TAG = "biovfm.key"
 RECORD_NAME = "mlflow.json"  # a job's record in its run folder; next to another output: <stem>.mlflow.json
 IMPORT_HINT = "biovfm mlflow-import --results results"
+# The MLflow UI opens an experiment on its GenAI traces overview unless this tag marks it as model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DATA_CONTEXT_TAG = "mlflow.data.context"  # MLflow's input tag: what the dataset was used for (training, evaluation)
 
 # An unreachable server must fail fast into our own bounded retry loop, not into MLflow's (7 retries with
 # exponential backoff and a 120 s timeout: minutes per call). Users may still override these.
@@ -111,11 +114,15 @@ def _retry(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
 def _get_or_create_experiment(client, experiment: str, uri: str, create: bool) -> str:
     exp = _retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
     if exp is not None:
+        if create and exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            _retry(lambda: client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND),
+                   "tag experiment")
         return exp.experiment_id
     if not create:
         raise RuntimeError(f"MLflow experiment {experiment!r} does not exist in {uri}; run the mlflow_init rule first")
     try:
-        return _retry(lambda: client.create_experiment(experiment), "create experiment")
+        return _retry(lambda: client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}),
+                      "create experiment")
     except Exception as e:  # noqa: BLE001 - another job created it first
         if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -142,11 +149,13 @@ def init_store(uri: str, experiment: str) -> str | None:
             return None
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # a store made before the tag: open on the runs
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").resolve().as_uri()
-    return client.create_experiment(experiment, artifact_location=artifacts)
+    return client.create_experiment(experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -218,6 +227,8 @@ class Run:
         self.series = series
         self.start_time = start_time or int(time.time() * 1000)
         self.points: list[dict[str, Any]] = []  # what log_metrics logged: replayed from the record
+        self.inputs: list[dict[str, Any]] = []  # what log_inputs logged: replayed from the record
+        self._has_inputs = False  # replay: the run already holds its dataset inputs
         self.status = "RUNNING"
         self.offline = False
         self.created = False  # a new MLflow run (replay: none matched)
@@ -297,6 +308,7 @@ class Run:
             items = [self._tag(k, v) for k, v in new_tags.items()]
             _retry(lambda: c.log_batch(self.run_id, tags=items), "set tags")
         self.status = run.info.status
+        self._has_inputs = bool(run.inputs and run.inputs.dataset_inputs)
         self._existing = {}
         for k in run.data.metrics:
             hist = _retry(lambda: c.get_metric_history(self.run_id, k), f"get history of {k}")
@@ -312,6 +324,7 @@ class Run:
             "tags": self.tags, "params": self.params, "mlflow_run_id": self.run_id, "status": self.status,
             "logged_live": not self.offline, "start_time": self.start_time,
             "end_time": getattr(self, "end_time", None), "metrics": self.points, "series": self.series,
+            "inputs": self.inputs,
         })
 
     # -- logging -------------------------------------------------------------------------------------------
@@ -344,6 +357,31 @@ class Run:
             if self._existing is not None:
                 for m in chunk:
                     self._existing.setdefault(m.key, set()).add(m.step)
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Datasets the run read, as MLflow dataset inputs (the UI's Datasets column): each a dict of ``name``,
+        ``digest``, ``source`` (a path), ``profile`` (counts) and ``context`` (training, evaluation)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.inputs += datasets
+        if self.offline or self._has_inputs or not datasets:
+            return
+        items = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                      source=json.dumps({"uri": str(d["source"])}), profile=json.dumps(d["profile"])),
+                              tags=[InputTag(DATA_CONTEXT_TAG, d["context"])]) for d in datasets]
+        self._guard("log inputs", lambda: _retry(lambda: self.client.log_inputs(self.run_id, datasets=items),
+                                                 "log inputs"))
+
+    def log_artifacts(self, files: Iterable[tuple[str | os.PathLike, str]]) -> int:
+        """Upload ``(local file, artifact folder)`` pairs into the run's artifact store; returns how many."""
+        done = 0
+        for path, folder in files:
+            self._guard("log artifact", lambda: _retry(
+                lambda: self.client.log_artifact(self.run_id, str(path), folder or None), f"log artifact {path}"))
+            if self.offline:
+                break
+            done += 1
+        return done
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
@@ -461,6 +499,7 @@ def replay_record(record_file: str | os.PathLike, uri: str | None = None, experi
             run.log_series(_series_rows(record_file, rec["series"]), timestamp=stamp)
         for p in rec.get("metrics", []):
             run.log_series([(p["step"], p["values"])], timestamp=stamp)
+        run.log_inputs(rec.get("inputs", []))
         run.finish(rec["status"], end_time=rec.get("end_time"))
     return run
 

@@ -44,7 +44,9 @@ rule aggregate:
         figures=[report(f"results/figures/{fig}.png", caption=f"../report/{fig}.rst", category="Scaling") for fig in FIGURES],
     params:
         uri=config["tracking"]["uri"],
+        experiment=config["tracking"]["experiment"],
         study=json.dumps({"source": SOURCE, "image_size": SIZE, "modalities": config["modalities"]}),
+    threads: min(4, workflow.cores)  # the bootstrap, a task per process; the stage runs last, mostly alone
     resources:
         **cfg.cluster_resources(config, "aggregate"),  # SLURM only: partition, account, mem_mb, runtime
     log:
@@ -52,5 +54,5 @@ rule aggregate:
     message:
         "Analysis: bootstrap intervals, scaling fits, figures and report from the MLflow runs"
     shell:
-        "biovfm aggregate --evals {input.evals:q} --uri {params.uri:q} --study {params.study:q} "
-        "--task-stats {input.stats:q} --corpus-report {input.corpus:q} --out results 2>&1 | tee {log:q}"
+        "biovfm aggregate --evals {input.evals:q} --uri {params.uri:q} --experiment {params.experiment:q} --study {params.study:q} "
+        "--task-stats {input.stats:q} --corpus-report {input.corpus:q} --threads {threads} --out results 2>&1 | tee {log:q}"

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 
 from biovfm import config as cfg
 from biovfm import devices
@@ -55,7 +56,17 @@ def eval_outputs():
                  for s in cfg.grid_values(config, "seeds")]
     if config["evaluate"]["raw_pixels"]:
         outs.append(f"results/baselines/{cfg.RAW_PIXELS_ID}/eval.json")
+    outs += [f"results/baselines/external/{e['name']}/eval.json" for e in config["evaluate"]["external"]]
     return outs
+
+
+def external_weights(w):
+    """The files an outside encoder is read from (a folder's config and weights, or the weights file): its inputs."""
+    path = cfg.external_entry(config, w.name)["path"]
+    if not os.path.isdir(path):
+        return [path]
+    weights = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")]
+    return [os.path.join(path, "config.json")] + [f for f in weights if os.path.exists(f)][:1]
 
 
 def pretrain_job(w):
@@ -71,6 +82,11 @@ def eval_job(w, kind):
         desc = {"method": "random", "modality": "", "data_size": 0}
         run = cfg.random_init_id(w.model, int(w.seed))
         return cfg.to_json(cfg.eval_job(config, kind, run, w.model, int(w.seed), desc, CODE_EVAL))
+    if kind == "external":
+        entry = cfg.external_entry(config, w.name)
+        desc = {"method": "external", "modality": "", "data_size": 0}
+        return cfg.to_json(cfg.eval_job(config, kind, f"external/{w.name}", None, int(entry.get("seed", 0)), desc,
+                                        CODE_EVAL, entry))
     desc = {"method": "raw", "modality": "", "data_size": 0}
     return cfg.to_json(cfg.eval_job(config, kind, cfg.RAW_PIXELS_ID, None, 0, desc, CODE_EVAL))
 
@@ -102,7 +118,7 @@ def gpu_job(rule, key):
     as params say (GPUs, partition, memory, time); locally the GPU count is at most the visible GPUs."""
 
     def get(wildcards):
-        res = cfg.cluster_resources(config, rule, wildcards.model)
+        res = cfg.cluster_resources(config, rule, wildcards.get("model", "default"))  # outside encoders: default
         if key == "gpu":
             return res["gpu"] if on_slurm() else min(res["gpu"], LOCAL_GPUS)
         if key in ("gpu_model", "cpus_per_gpu") and not (on_slurm() and res["gpu"]):

@@ -69,3 +69,31 @@ rule evaluate_raw_pixels:
         "Linear probes on raw pixels (baseline)"
     shell:
         "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --out {output.eval:q} 2>&1 | tee {log:q}"
+
+
+rule evaluate_external:
+    conda:
+        CONDA_ENV
+    # An outside timm encoder from local weights (params: evaluate.external), on the same features and estimators.
+    input:
+        weights=external_weights,
+        tasks=TASK_FILES,
+        mlflow=ancient(MLFLOW_INIT),
+    output:
+        eval="results/baselines/external/{name}/eval.json",
+        scores="results/baselines/external/{name}/scores.npz",  # test scores + labels per task: the bootstrap's input
+    wildcard_constraints:
+        name="|".join(re.escape(e["name"]) for e in config["evaluate"]["external"]) or "(?!)",  # none: matches nothing
+    params:
+        job=lambda w: eval_job(w, "external"),
+        tasks=lambda w, input: os.path.dirname(input.tasks[0]),
+    threads: gpu_job_threads("evaluate_external", lambda w: config["evaluate"]["threads"])
+    resources:
+        **gpu_job_resources("evaluate_external"),  # params' cluster.evaluate `default` (GPUs also locally)
+    log:
+        "results/logs/evaluate/external_{name}.log",
+    message:
+        "Linear probes of the outside encoder {wildcards.name}"
+    shell:
+        "biovfm evaluate --job {params.job:q} --tasks {params.tasks:q} --threads {threads} --gpus {resources.gpu} "
+        "--out {output.eval:q} 2>&1 | tee {log:q}"

@@ -44,6 +44,14 @@ def weighted_auc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
     order = np.argsort(score, kind="mergesort")
     s, pos = score[order], np.asarray(y)[order].astype(bool)
     w = w[:, order]
+    if not (s[1:] == s[:-1]).any():  # no ties (most probabilities): each positive beats the negatives below it
+        wp = w[:, pos]
+        num = (wp * np.cumsum(w * ~pos, axis=1)[:, pos]).sum(axis=1)
+        p, q = wp.sum(axis=1), w[:, ~pos].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = num / (p * q)
+        auc[(p == 0) | (q == 0)] = np.nan
+        return auc
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
     wp = np.add.reduceat(w * pos, starts, axis=1)
     wn = np.add.reduceat(w * ~pos, starts, axis=1)

@@ -6,7 +6,10 @@ run) are listed in the report instead of stopping the analysis.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +73,19 @@ def summary_from_runs(runs: list[dict[str, Any]]) -> pd.DataFrame:
 Replicates = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (MLflow run, task) -> (AUC, ACC) replicates
 
 
-def bootstrap_replicates(evals: list[tuple[Path, dict]], task_types: dict[str, str], n_boot: int = N_BOOT
-                         ) -> tuple[dict[str, Replicates], list[str]]:
+def _task_replicates(job: tuple) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """One task's bootstrap (a worker process's unit of work) and its seconds."""
+    t0 = time.perf_counter()
+    y, named, task_type, task, n_boot = job
+    return metric_replicates(y, named, task_type, key=task, n_boot=n_boot), time.perf_counter() - t0
+
+
+def bootstrap_replicates(evals: list[tuple[Path, dict]], task_types: dict[str, str], n_boot: int = N_BOOT,
+                         workers: int = 1) -> tuple[dict[str, Replicates], list[str]]:
     """AUC/ACC replicates per estimator variant and (MLflow run, task) from each evaluation's scores.npz, task by
-    task so that every model and estimator of a task shares its resamples (paired). Returns the replicates by
-    variant and notes on what was missing."""
+    task so that every model and estimator of a task shares its resamples (paired); tasks run in ``workers``
+    processes (the replicates do not depend on it). Returns the replicates by variant and notes on what was
+    missing."""
     by_task: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     labels: dict[str, np.ndarray] = {}
     notes = []
@@ -91,14 +102,19 @@ def bootstrap_replicates(evals: list[tuple[Path, dict]], task_types: dict[str, s
                                      "the bootstrap pairs models on one test set (rerun the evaluations)")
                 labels[task] = y
     reps: dict[str, Replicates] = {}
-    for task, scores in by_task.items():
-        t0 = time.perf_counter()
-        named = {f"{run}|{variant}": s for (run, variant), s in scores.items()}
-        got = metric_replicates(labels[task], named, task_types[task], key=task, n_boot=n_boot)
-        for (run, variant) in scores:
-            reps.setdefault(variant, {})[(run, task)] = got[f"{run}|{variant}"]
-        print(f"[aggregate] bootstrap {task}: {len(scores)} models x estimators x {n_boot} resamples of "
-              f"{len(labels[task])} test images in {time.perf_counter() - t0:.1f}s", flush=True)
+    jobs = [(labels[task], {f"{run}|{variant}": s for (run, variant), s in scores.items()}, task_types[task], task,
+             n_boot) for task, scores in by_task.items()]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:  # spawn: a forked copy of a process with torch/OpenMP state can hang
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")))
+            results = pool.map(_task_replicates, jobs)
+        else:
+            results = map(_task_replicates, jobs)
+        for (task, scores), (got, seconds) in zip(by_task.items(), results):
+            for (run, variant) in scores:
+                reps.setdefault(variant, {})[(run, task)] = got[f"{run}|{variant}"]
+            print(f"[aggregate] bootstrap {task}: {len(scores)} models x estimators x {n_boot} resamples of "
+                  f"{len(labels[task])} test images in {seconds:.1f}s", flush=True)
     return reps, notes
 
 
@@ -219,13 +235,14 @@ TABLES = ("task_slopes", "correlations", "data_comparison", "compute_frontier", 
 
 def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study: dict | None = None,
               task_stats: str | Path | None = None, n_boot: int = N_BOOT,
-              corpus_report: str | Path | None = None) -> dict[str, Any]:
+              corpus_report: str | Path | None = None, experiment: str | None = None, workers: int = 1) -> dict[str, Any]:
     """The aggregate stage: read, analyse, draw, report. ``study`` holds params' data.source,
     data.image_size and modalities; eval.json files that do not exist are reported as missing. The corpus
-    report (the preprocess stage's report.json) tells the report what the corpus left out."""
+    report (the preprocess stage's report.json) tells the report what the corpus left out. With ``experiment``,
+    an MLflow run of the stage holds the report, figures and tables as artifacts and the headline as metrics."""
     from biovfm.analysis import report
 
-    t0 = time.perf_counter()
+    t0, started_ms = time.perf_counter(), int(time.time() * 1000)
     study = study or {}
     out = Path(out_dir)
     present = [Path(p) for p in eval_jsons if Path(p).exists()]
@@ -237,7 +254,7 @@ def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study
     runs = tracking.fetch_eval_runs(uri, [e for _, e in evals])
     summary = summary_from_runs(runs)
     write_text(out / "summary.csv", summary.to_csv(index=False))
-    reps, notes = bootstrap_replicates(evals, _task_types(evals), n_boot)
+    reps, notes = bootstrap_replicates(evals, _task_types(evals), n_boot, workers)
     stats = pd.read_csv(task_stats) if task_stats else pd.DataFrame({"task": []})
     t = analyse(summary, reps, stats, study, n_boot)
     write_text(out / "tables" / "points.csv", t["points"].table.to_csv(index=False))
@@ -251,9 +268,47 @@ def aggregate(eval_jsons: list[str | Path], uri: str, out_dir: str | Path, study
     report.write_report(out / "report.html", headline=headline, tables=t, figures=figs, missing=missing, notes=notes,
                         study=study, corpus=read_json(corpus_report) if corpus_report else None)
     write_json(out / "summary.json", headline)
+    if experiment:
+        log_aggregate_run(uri, experiment, out, headline, [r["run_id"] for r in runs], started_ms)
     print(f"[aggregate] {len(runs)} evaluation runs ({len(missing)} missing), {len(summary)} rows, "
           f"{len(t['fits'])} fits in {time.perf_counter() - t0:.1f}s -> {out / 'report.html'}", flush=True)
     return headline
+
+
+def headline_metrics(headline: dict[str, Any]) -> dict[str, float]:
+    """The summary's numbers as MLflow metrics: per series the mean-AUC slope (and interval) on both parameter axes,
+    per model its mean AUC, the paper head's mean gap to the reference, the number of models."""
+    m: dict[str, float] = {"n_models": headline["n_models"]}
+    for key, s in headline["slope_mean_auc_vs_params"].items():
+        m |= {f"slope.{key}": s["slope"], f"slope_lo.{key}": s["lo"], f"slope_hi.{key}": s["hi"]}
+        if "paper_axis" in s:
+            m[f"slope_paper_axis.{key}"] = s["paper_axis"]["slope"]
+    m |= {f"mean_auc.{name}": v["auc"] for name, v in headline["mean_auc"].items()}
+    fid = headline.get("probe_fidelity_paper_minus_reference", {}).get(MEAN_TASK)
+    if fid:
+        m |= {"paper_minus_reference.mean": fid["diff"], "paper_minus_reference.lo": fid["lo"],
+              "paper_minus_reference.hi": fid["hi"]}
+    return {k: float(v) for k, v in m.items() if v is not None}
+
+
+def log_aggregate_run(uri: str, experiment: str, out: Path, headline: dict[str, Any], eval_run_ids: list[str],
+                      started_ms: int) -> str | None:
+    """One MLflow run for the aggregate stage: the report, figures, tables and summaries as artifacts, the headline
+    as metrics, tagged with the evaluation runs it read. Tracking must not fail the stage: a warning at worst."""
+    try:
+        run = tracking.Run(uri, experiment, name="aggregate", tags={"stage": "aggregate", "grid_id": "aggregate",
+                                                                    "n_evaluations": str(len(eval_run_ids))},
+                           params={"evaluation_runs": ",".join(sorted(eval_run_ids))[:6000]}, start_time=started_ms)
+        run.log_metrics(headline_metrics(headline))
+        files = [(out / name, "") for name in ("report.html", "summary.csv", "summary.json", "fits.csv")]
+        files += [(f, "tables") for f in sorted((out / "tables").glob("*.csv"))]
+        files += [(f, "figures") for f in sorted((out / "figures").glob("*.png"))]
+        run.log_artifacts((f, d) for f, d in files if f.is_file())
+        run.finish()
+        return run.run_id
+    except Exception as e:  # noqa: BLE001 - the outputs on disk are complete; MLflow is a view of them
+        print(f"[aggregate] warning: aggregate run not logged to MLflow ({type(e).__name__}: {e})", flush=True)
+        return None
 
 
 def estimator_numbers(t: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,8 @@ FALLBACK_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17be
 RANDOM_COLOR = "#7f7f7f"
 RAW_COLOR = "#404040"
 RAW_DASHES = (0, (8, 3))  # long dashes: tell the raw-pixel line from the (short-dashed) fits
+EXTERNAL_COLORS = ("#2a6fb0", "#3a9a5a", "#8a4fb0", "#b05a2a", "#2a9aa0", "#a02a6f")  # outside encoders' lines
+EXTERNAL_DASHES = (0, (6, 2, 1, 2))  # dash-dot: a reference line, not a fit
 TASK_LABELS = {
     "pathmnist": "PathMNIST", "chestmnist": "ChestMNIST", "dermamnist": "DermaMNIST",
     "octmnist": "OCTMNIST", "pneumoniamnist": "PneumoniaMNIST", "retinamnist": "RetinaMNIST",
@@ -199,7 +201,12 @@ def _size_panel(ax, tab: pd.DataFrame, fits: pd.DataFrame, task: str, methods: l
     if len(raw):
         yr = AUC_SCALE * float(raw["auc"].mean())
         ax.axhline(yr, ls=RAW_DASHES, lw=1.2, color=RAW_COLOR, label=f"Raw-pixel probe ({yr:.2f})", zorder=1)
-    if not (len(pre) or len(rnd) or len(raw)):
+    ext = tab[tab["kind"] == "external"]
+    for i, (model, g) in enumerate(ext.groupby("model", sort=True)):  # outside encoders: reference lines
+        ye = AUC_SCALE * float(g["auc"].mean())
+        ax.axhline(ye, ls=EXTERNAL_DASHES, lw=1.3, color=EXTERNAL_COLORS[i % len(EXTERNAL_COLORS)],
+                   label=f"{model} ({_fmt_count(g['params_encoder'].iloc[0])} params, {ye:.2f})", zorder=1)
+    if not (len(pre) or len(rnd) or len(raw) or len(ext)):
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
     ax.set_xscale("log")
     if xs_all:
@@ -393,7 +400,8 @@ def plot_label_efficiency(curve: pd.DataFrame, out_png: str | os.PathLike) -> tu
     knn = curve[curve["probe"] == "knn"]
     pre = probe_rows[probe_rows["kind"] == "pretrained"]
     methods = sorted(pre["method"].unique()) or [""]
-    sizes = (probe_rows[probe_rows["kind"] != "raw_pixels"][["model", "params_encoder"]].drop_duplicates("model")
+    sizes = (probe_rows[probe_rows["kind"].isin(["pretrained", "random_init"])][["model", "params_encoder"]]
+             .drop_duplicates("model")
              .sort_values("params_encoder")["model"].tolist())
     cmap = matplotlib.colormaps["viridis"]
     color = {m: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, m in enumerate(sizes)}
@@ -421,6 +429,11 @@ def plot_label_efficiency(curve: pd.DataFrame, out_png: str | os.PathLike) -> tu
             if len(raw):
                 ax.plot(raw["label_fraction"], AUC_SCALE * raw["auc"], ls=RAW_DASHES, lw=1.2, color=RAW_COLOR,
                         label="raw pixels")
+            ext = probe_rows[probe_rows["kind"] == "external"]
+            for i, (model, g) in enumerate(ext.groupby("model", sort=True)):
+                g = g.sort_values("label_fraction")
+                ax.plot(g["label_fraction"], AUC_SCALE * g["auc"], ls=EXTERNAL_DASHES, lw=1.3,
+                        color=EXTERNAL_COLORS[i % len(EXTERNAL_COLORS)], label=f"{model} (outside)")
             ax.set_xscale("log")
             fr = sorted(probe_rows["label_fraction"].unique())
             ax.xaxis.set_major_locator(FixedLocator(fr))

@@ -25,7 +25,7 @@ import pandas as pd
 from biovfm.data.medmnist import TASKS
 
 AUC_SCALE = 100.0
-KINDS = ("pretrained", "random_init", "raw_pixels")
+KINDS = ("pretrained", "random_init", "raw_pixels", "external")
 STR_COLUMNS = ("run_id", "kind", "method", "model", "modality", "task")
 GRID_KEYS = ("kind", "method", "model", "modality", "data_size")
 MEAN_TASK = "mean"

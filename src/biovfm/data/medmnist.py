@@ -187,6 +187,24 @@ def load_npz(path: str | Path, info: TaskInfo | None = None, mmap: bool = False)
     return data
 
 
+DIGEST_SAMPLE = 256  # images per split hashed for a task's digest
+
+
+def task_digest(data: dict[str, np.ndarray], sample: int = DIGEST_SAMPLE) -> str:
+    """A content fingerprint of a task: every label, every array's shape and dtype, and ``sample`` evenly spaced
+    images per split (MLflow's own dataset digests also hash a sample), so it stays cheap on a memory-mapped task
+    of 10^5 224-px images and changes whenever the labels, the sizes or the sampled images do."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(data):
+        a = data[key]
+        h.update(f"{key}:{a.shape}:{a.dtype};".encode())
+        rows = a if key.endswith("_labels") else a[np.unique(np.linspace(0, len(a) - 1, min(len(a), sample)).astype(int))]
+        h.update(np.ascontiguousarray(rows).tobytes())
+    return h.hexdigest()[:12]
+
+
 def _read_npz_mmap(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an npz; uncompressed members as read-only memory maps, compressed ones read whole."""
     data: dict[str, np.ndarray] = {}

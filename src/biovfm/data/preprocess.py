@@ -307,7 +307,8 @@ def log_corpus_report(report: dict, report_path: str | Path, uri: str, experimen
         tags = {"stage": "preprocess"}
         if examples := report["leakage"]["examples"]:  # the images left out as copies of val/test images
             tags["leaked_examples"] = "; ".join(examples)
-        run = tracking.Run(uri, experiment, name="preprocess/corpus", tags=tags, params=params)
+        run = tracking.Run(uri, experiment, name="preprocess/corpus", tags=tags, params=params,
+                           start_time=int((time.time() - report["seconds"]) * 1000))  # spans the stage's work
         metrics = {"n_images": report["n_images"], "seconds": report["seconds"],
                    "images_per_second": report["images_per_second"], "leaked": report["leakage"]["val_test"],
                    "train_overlap": report["leakage"]["train"]}

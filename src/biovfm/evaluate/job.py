@@ -13,8 +13,10 @@ from threadpoolctl import threadpool_limits
 
 from biovfm import tracking
 from biovfm.config import EvalJob
-from biovfm.data.medmnist import MULTI_LABEL, SPLITS, TaskInfo, load_npz
-from biovfm.evaluate.features import Allocate, encoder_features, file_allocator, load_encoder, raw_pixel_features
+from biovfm.data.medmnist import MULTI_LABEL, SPLITS, TaskInfo, load_npz, task_digest
+from biovfm.evaluate.external import ExternalEncoder, ExternalSpec
+from biovfm.evaluate.features import (Allocate, batched_features, encoder_features, file_allocator, load_encoder,
+                                      raw_pixel_features)
 from biovfm.evaluate.knn import fit_knn
 from biovfm.evaluate.logreg import LogRegConfig, fit_logreg
 from biovfm.evaluate.probe import ProbeConfig, fit_probe, normalize_features
@@ -29,7 +31,25 @@ def task_path(tasks_dir: str | Path, flag: str, size: int) -> Path:
     return Path(tasks_dir) / f"{flag}_{size}.npz"
 
 
-def _encoder_and_meta(job: EvalJob, checkpoint: str | Path | None) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+Encoder = torch.nn.Module | ExternalEncoder | None  # None: raw pixels
+
+
+def model_name(job: EvalJob) -> str:
+    """The summary's model column: the ladder name, an outside encoder's name, or '' (raw pixels)."""
+    return job.model.name if job.model else job.external.get("name", "")
+
+
+def external_spec(entry: dict[str, Any]) -> ExternalSpec:
+    return ExternalSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+
+
+def _encoder_and_meta(job: EvalJob, checkpoint: str | Path | None, device: torch.device) -> tuple[Encoder, dict[str, Any]]:
+    if job.kind == "external":
+        ext = ExternalEncoder(external_spec(job.external), device)
+        n = ext.n_params
+        return ext, {"params_encoder": n, "params_paper": n, "flops_per_image": 0.0, "images_seen": 0, "train_steps": 0,
+                     "architecture": ext.model.default_cfg.get("architecture", job.external.get("arch", "")),
+                     "weights": str(ext.weights), "feature": ext.feature, "input_size": ext.input_size}
     if job.kind == "raw_pixels":
         return None, {"params_encoder": 0, "params_paper": 0, "flops_per_image": 0.0, "images_seen": 0, "train_steps": 0}
     if job.kind == "pretrained":
@@ -43,12 +63,14 @@ def _encoder_and_meta(job: EvalJob, checkpoint: str | Path | None) -> tuple[torc
                  "flops_per_image": count_flops_per_image(enc, job.image_size), "images_seen": 0, "train_steps": 0}
 
 
-def split_features(encoder: torch.nn.Module | None, images: np.ndarray, batch_size: int, label: str,
+def split_features(encoder: Encoder, images: np.ndarray, batch_size: int, label: str,
                    allocate: Allocate | None = None) -> np.ndarray:
     """Features of one split (raw pixels without an encoder), streamed from ``images`` with progress."""
     with Progress(label, len(images)) as progress:
         if encoder is None:
             return raw_pixel_features(images, batch_size, progress, allocate)
+        if isinstance(encoder, ExternalEncoder):
+            return batched_features(images, encoder.features, batch_size, progress, allocate)
         return encoder_features(encoder, images, batch_size, progress, allocate)
 
 
@@ -116,17 +138,22 @@ def estimators(job: EvalJob, feats: dict[str, np.ndarray], labels: dict[str, np.
 
 def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
-    t0 = time.perf_counter()
-    encoder, meta = _encoder_and_meta(job, checkpoint)
+    t0, started_ms = time.perf_counter(), int(time.time() * 1000)  # the MLflow run spans the job's real work
     device = default_device()
-    if encoder is not None:
+    encoder, meta = _encoder_and_meta(job, checkpoint, device)
+    if isinstance(encoder, torch.nn.Module):
         encoder = encoder.to(device)
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the aggregate stage bootstraps the test set from them
     variant_scores: dict[str, dict[str, np.ndarray]] = {}
+    datasets: list[dict[str, Any]] = []  # the task files, as MLflow dataset inputs
     for info in job.task_infos():  # MedMNIST tasks and the user's custom tasks alike
         flag = info.flag
-        data = load_npz(task_path(tasks_dir, flag, job.image_size), info, mmap=True)  # images read a batch at a time
+        path = task_path(tasks_dir, flag, job.image_size)
+        data = load_npz(path, info, mmap=True)  # images read a batch at a time
+        datasets.append({"name": flag, "digest": task_digest(data), "source": str(path), "context": "evaluation",
+                         "profile": {s: int(len(data[f"{s}_labels"])) for s in SPLITS}
+                         | {"image_size": job.image_size, "task": info.task}})
         labels = {s: data[f"{s}_labels"] for s in SPLITS}
         tf = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="biovfm-features-") as tmp:  # $TMPDIR: a node's scratch on clusters
@@ -156,13 +183,15 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     run = tracking.Run(job.tracking["uri"], job.tracking["experiment"], name=f"evaluate {job.run_id}",
                        tags={"stage": "evaluate", "grid_id": job.run_id, "kind": job.kind, "seed": str(job.seed),
                              "primary_probe": job.primary,
-                             "model": job.model.name if job.model else "",
+                             "model": model_name(job),
                              **{k: str(v) for k, v in job.descriptors.items()}},
                        params=asdict(job) | {"meta": {k: v for k, v in meta.items() if isinstance(v, str)}},
                        key=tracking.job_key("evaluate", job.run_id, tracking.fingerprint(  # job config + checkpoint
                            {k: v for k, v in asdict(job).items() if k not in ("tracking", "threads")}
                            | {"checkpoint": read_json(Path(checkpoint).parent / "run.json")["fingerprint"] if checkpoint else ""})),
-                       record=tracking.record_path(out_json))  # replayable by `biovfm mlflow-import`
+                       record=tracking.record_path(out_json),  # replayable by `biovfm mlflow-import`
+                       start_time=started_ms)
+    run.log_inputs(datasets)
     metrics = {f"auc.{f}": r["auc"] for f, r in results.items()} | {f"acc.{f}": r["acc"] for f, r in results.items()}
     for f, r in results.items():  # every estimator: auc_<variant>.<task>, acc_<variant>.<task>
         metrics[f"majority_acc.{f}"] = r["majority_acc"]
@@ -176,7 +205,7 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     run.log_metrics(metrics)
     run.finish()
     out = {"run_id": job.run_id, "kind": job.kind, **job.descriptors, "seed": job.seed,
-           "model": job.model.name if job.model else "", "mean_auc": mean_auc, "mean_acc": mean_acc,
+           "model": model_name(job), "mean_auc": mean_auc, "mean_acc": mean_acc,
            "tasks": results, **meta, "wall_time_s": wall, "mlflow_run_id": run.run_id,
            "mlflow_key": run.key}
     write_scores(out_json, scores, variant_scores)  # before eval.json: an eval.json always has its scores

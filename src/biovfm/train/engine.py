@@ -95,6 +95,11 @@ def restore_rng(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def subset_digest(idx: np.ndarray) -> str:
+    """The pretraining images of a run, as a short hash of their store rows (run.json and the MLflow input)."""
+    return hashlib.sha1(idx.tobytes()).hexdigest()[:12]
+
+
 def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> dict[str, Any] | None:
     """Train one grid point (in every process of a torchrun job); returns the run's metadata on rank 0."""
     out = Path(out_dir)
@@ -149,6 +154,12 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
                            params=asdict(job), run_id=mlflow_id, key=tracking.job_key("pretrain", job.run_id, fp),
                            record=tracking.record_path(out),  # replayable by `biovfm mlflow-import`
                            series={"file": "history.csv", "step": "step", "exclude": ["images_seen"]})
+        counts = store.index["modality"].to_numpy()[idx]
+        counts = dict(zip(*np.unique(counts, return_counts=True)))
+        run.log_inputs([{"name": f"corpus/{job.modality}", "digest": subset_digest(idx), "source": str(corpus_dir),
+                         "context": "training",
+                         "profile": {"images": int(len(idx)), "image_size": job.image_size,
+                                     "by_modality": {str(k): int(v) for k, v in counts.items()}}}])
     t0 = time.perf_counter()
     stream = BatchStream(store.images, idx, t.batch_size, job.seed, world.rank, t.grad_accum, mb, start, t.steps,
                          pin=device.type == "cuda")
@@ -239,7 +250,7 @@ def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Modul
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
-        "subset_hash": hashlib.sha1(idx.tobytes()).hexdigest()[:12], "fingerprint": fp, "mlflow_run_id": run.run_id,
+        "subset_hash": subset_digest(idx), "fingerprint": fp, "mlflow_run_id": run.run_id,
     }
     save_encoder(out / CHECKPOINT, method.export_encoder(), {"run_id": job.run_id, "fingerprint": fp})
     write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
