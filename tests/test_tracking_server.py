@@ -200,7 +200,7 @@ def test_jobs_log_live_to_a_server_and_every_grid_point_is_there(study):
         inputs = run["inputs"]["dataset_inputs"]
         assert sorted(i["dataset"]["name"] for i in inputs) == ["breastmnist", "pathmnist"]
     agg = by[("aggregate", "aggregate")]
-    assert any(k.startswith("slope.pretrained/mae") for k in metrics(agg))
+    assert metrics(agg)["n_models"] == len(evals) and any(k.startswith("mean_auc.pretrained/mae") for k in metrics(agg))
     listed = server.api("artifacts/list", run_id=agg["info"]["run_id"]).get("files", [])
     assert {"report.html", "summary.csv", "figures", "tables"} <= {f["path"] for f in listed}
     summary = pd.read_csv(work / "results" / "summary.csv")
@@ -230,16 +230,38 @@ def test_mlflow_ui_shows_the_runs_in_a_real_browser(study, tmp_path):
 
     exp = server.api("experiments/get", experiment_id=server.experiment_id("test"))["experiment"]
     assert {t["key"]: t["value"] for t in exp.get("tags", [])}.get("mlflow.experimentKind") == "custom_model_development"
-    page = f"{server.url}/#/experiments/{server.experiment_id('test')}"  # what a user opens: the experiment itself
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
-    dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-    assert f"pretrain {sorted(pre)[0]}" in dom, f"the experiment did not open on its runs table: {dom[-2000:]}"
-    assert "aggregate" in dom  # the run that holds the report
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "mlflow_ui.png"
-    shot.unlink(missing_ok=True)
-    subprocess.run(flags + [f"--screenshot={shot}", page], capture_output=True, text=True, timeout=180)
+    # What a user runs: `biovfm ui` on the study's store, then the link it prints (a second UI on the same store)
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    ui = subprocess.Popen([str(BIN / "biovfm"), "ui", "--uri", f"sqlite:///{server.root / 'mlflow.db'}",
+                           "--experiment", "test", "--port", str(port)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        line = ui.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/" in line, line
+        page = next(w for w in line.split() if w.startswith("http://"))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+        dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+        assert f"pretrain {sorted(pre)[0]}" in dom, f"the link did not open on the runs table: {dom[-2000:]}"
+        assert ">aggregate<" in dom  # the run that holds the report, figures and tables
+        assert "No data available" not in dom  # not the GenAI traces overview
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "mlflow_ui.png"
+        shot.unlink(missing_ok=True)
+        subprocess.run(flags + [f"--screenshot={shot}", page], capture_output=True, text=True, timeout=180)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
     assert shot.is_file(), "chromium wrote no screenshot"
     im = Image.open(shot).convert("RGB")
     assert im.size == (1400, 1000)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from dataclasses import replace
@@ -79,6 +80,20 @@ def _mlflow_import(a: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--results {a.results}: no such folder (run from the study's folder, or pass it)")
     corpus = a.corpus_report or None
     tracking.import_results(a.results, a.uri or None, a.experiment or None, corpus)
+
+
+def _ui(a: argparse.Namespace) -> None:
+    """The MLflow UI on the study's store, bound to ``--host`` (127.0.0.1 by default), with the link to its runs."""
+    from biovfm import tracking
+
+    exp = tracking.experiment_id(a.uri, a.experiment)
+    if tracking.is_server(tracking.resolve_uri(a.uri)):  # a tracking server serves its own UI: just the link
+        print(tracking.ui_url(tracking.resolve_uri(a.uri), exp), flush=True)
+        return
+    print(f"[ui] the study's runs: {tracking.ui_url(f'http://{a.host}:{a.port}', exp)}  (Ctrl-C stops the UI)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking.resolve_uri(a.uri),
+           "--host", a.host, "--port", str(a.port)]
+    os.execv(sys.executable, cmd)  # this process becomes the UI: Ctrl-C and kill reach it directly
 
 
 def _models(a: argparse.Namespace) -> None:
@@ -273,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--corpus-report", default="data/processed/corpus/report.json",
                    help="the corpus report to replay too, if the file exists ('' to skip)")
     s.set_defaults(fn=_mlflow_import)
+
+    s = sub.add_parser("ui", help="the MLflow UI on the study's store, with the link that opens on its runs table")
+    s.add_argument("--uri", default="sqlite:///results/mlflow.db", help="the store (MLFLOW_TRACKING_URI wins)")
+    s.add_argument("--experiment", default="biovfm-scale", help="params.yaml: tracking.experiment")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=5000)
+    s.set_defaults(fn=_ui)
 
     s = sub.add_parser("pretrain", help="pretrain one grid point")
     s.add_argument("--job", required=True, help="resolved job config (JSON)")

@@ -11,6 +11,27 @@ from tqdm import tqdm
 LOG_EVERY_S = 30.0  # seconds between plain progress lines when the stream is not a terminal
 
 
+def process_times() -> dict[str, float | None]:
+    """This process's age (wall seconds since it was started: interpreter, imports and all) and its CPU seconds
+    (user + system over all its threads and reaped children): what a job reports of itself, so that
+    ``benchmarks/where_time_goes.py`` can split a job's wall time into start-up, work and the rest. The age is
+    read from /proc (Linux); elsewhere it is None."""
+    import os
+    import resource
+
+    ru, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = ru.ru_utime + ru.ru_stime + ch.ru_utime + ch.ru_stime
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age: float | None = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        age = None
+    return {"process_age_s": age, "cpu_s": cpu}
+
+
 def format_duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``2h07m``: short enough for a log line, precise enough for an ETA."""
     s = max(0, int(round(seconds)))

@@ -36,6 +36,10 @@ RECORD_NAME = "mlflow.json"  # a job's record in its run folder; next to another
 IMPORT_HINT = "biovfm mlflow-import --results results"
 # The MLflow UI opens an experiment on its GenAI traces overview unless this tag marks it as model training.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI picks its view (GenAI overview or the model-training runs table) from this URL parameter or the
+# browser's last choice, default GenAI; the experiment tag above only filters the experiment list. So the link a
+# user opens carries it.
+UI_VIEW = "workflowType=machine_learning"
 DATA_CONTEXT_TAG = "mlflow.data.context"  # MLflow's input tag: what the dataset was used for (training, evaluation)
 
 # An unreachable server must fail fast into our own bounded retry loop, not into MLflow's (7 retries with
@@ -156,6 +160,24 @@ def init_store(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlflow-artifacts").resolve().as_uri()
     return client.create_experiment(experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The link that opens the MLflow UI at ``base`` on the experiment's runs table (the model-training view)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?{UI_VIEW}"
+
+
+def experiment_id(uri: str, experiment: str) -> str:
+    """The id of an existing experiment; a clear error when the store or the experiment is not there."""
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise FileNotFoundError(f"no MLflow store at {uri[len('sqlite:///'):]}: run the study first "
+                                "(snakemake --cores all), or pass --uri")
+    exp = _retry(lambda: _client(uri, exact=True).get_experiment_by_name(experiment), "get experiment")
+    if exp is None:
+        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist in {uri}; run the study first, or pass "
+                           "--experiment (params.yaml: tracking.experiment)")
+    return exp.experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -24,7 +24,7 @@ from biovfm.evaluate.scores import variant_name, write_scores
 from biovfm.evaluate.subsets import label_subset
 from biovfm.io import read_json, write_json
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
-from biovfm.progress import Progress
+from biovfm.progress import Progress, process_times
 
 
 def task_path(tasks_dir: str | Path, flag: str, size: int) -> Path:
@@ -137,6 +137,7 @@ def estimators(job: EvalJob, feats: dict[str, np.ndarray], labels: dict[str, np.
 
 
 def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoint: str | Path | None = None) -> dict[str, Any]:
+    startup_s = process_times()["process_age_s"]  # interpreter and imports, before this function
     torch.set_num_threads(job.threads)
     t0, started_ms = time.perf_counter(), int(time.time() * 1000)  # the MLflow run spans the job's real work
     device = default_device()
@@ -207,7 +208,7 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     out = {"run_id": job.run_id, "kind": job.kind, **job.descriptors, "seed": job.seed,
            "model": model_name(job), "mean_auc": mean_auc, "mean_acc": mean_acc,
            "tasks": results, **meta, "wall_time_s": wall, "mlflow_run_id": run.run_id,
-           "mlflow_key": run.key}
+           "mlflow_key": run.key, "process": {"startup_s": startup_s, **process_times()}}
     write_scores(out_json, scores, variant_scores)  # before eval.json: an eval.json always has its scores
     write_json(out_json, out)
     return out

@@ -30,7 +30,7 @@ from biovfm.io import write_json, write_text
 from biovfm.methods import build_method
 from biovfm.methods.base import Method, StepContext
 from biovfm.models.vit import build_encoder, count_flops_per_image, default_device, encoder_params, paper_params
-from biovfm.progress import format_duration
+from biovfm.progress import format_duration, process_times
 from biovfm.train import distributed
 from biovfm.train.checkpoint import clear_states, load_state, save_encoder, save_state
 from biovfm.train.loader import BatchStream, micro_batch, read_batch
@@ -115,6 +115,7 @@ def pretrain(job: PretrainJob, corpus_dir: str | Path, out_dir: str | Path) -> d
 
 def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch.device,
               world: distributed.World) -> dict[str, Any] | None:
+    startup_s, entered = process_times()["process_age_s"], time.perf_counter()  # start-up: interpreter, imports
     t = job.train
     mb = micro_batch(t.batch_size, world.size, t.grad_accum)
     log = print if world.is_main else (lambda *a, **k: None)
@@ -171,7 +172,7 @@ def _pretrain(job: PretrainJob, corpus_dir: str | Path, out: Path, device: torch
     if not world.is_main:
         return None
     return _finish(job, out, method, encoder, history, run, idx, fp, start, elapsed_before, t0, device, world,
-                   flops_fwd, flops_train)
+                   flops_fwd, flops_train, timing={"startup_s": startup_s, "setup_s": t0 - entered})
 
 
 def _train_steps(job: PretrainJob, method: Method, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -233,7 +234,8 @@ def _train_steps(job: PretrainJob, method: Method, model: torch.nn.Module, opt: 
 
 def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Module, history: list[dict[str, float]],
             run: tracking.Run, idx: np.ndarray, fp: str, start: int, elapsed_before: float, t0: float,
-            device: torch.device, world: distributed.World, flops_fwd: float, flops_train: float) -> dict[str, Any]:
+            device: torch.device, world: distributed.World, flops_fwd: float, flops_train: float,
+            timing: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Write the encoder, history, config and run metadata (run.json last: the job's completion marker)."""
     t = job.train
     now = time.perf_counter()
@@ -250,6 +252,7 @@ def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Modul
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
         "final_loss": float(np.mean([h["loss"] for h in history[-10:]])),
+        "process": {**(timing or {}), **process_times()},  # start-up, setup before training, CPU: where time goes
         "subset_hash": subset_digest(idx), "fingerprint": fp, "mlflow_run_id": run.run_id,
     }
     save_encoder(out / CHECKPOINT, method.export_encoder(), {"run_id": job.run_id, "fingerprint": fp})
