@@ -321,7 +321,9 @@ def test_server_down_jobs_finish_with_one_warning_then_import_replays_once(tmp_p
         assert proc.returncode == 0, log[-5000:]
         summary = pd.read_csv(work / "results" / "summary.csv")
         eval_ids = {r["info"]["run_id"] for r in server.runs("test", "tags.stage = 'evaluate'")}
-        assert set(summary["mlflow_run_id"]) == eval_ids and len(server.runs("test")) == n
+        assert set(summary["mlflow_run_id"]) == eval_ids
+        assert len(server.runs("test")) == n + 1  # no job run duplicated; + the aggregate run of the rerun
+        assert len(server.runs("test", "tags.stage = 'aggregate'")) == 1
     finally:
         server.stop()
 

@@ -429,6 +429,15 @@ def _search_key(client, experiment_ids: list[str], key: str, finished_only: bool
                                              max_results=50), f"search runs with {KEY_TAG}={key}")
 
 
+def finished_run(uri: str, experiment: str, key: str) -> str | None:
+    """The newest finished run with this key (a job already logged, e.g. the same aggregate), or None."""
+    uri = resolve_uri(uri)
+    client = _client(uri, exact=True)
+    exp = _retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    runs = _search_key(client, [exp.experiment_id], key, finished_only=True) if exp is not None else []
+    return runs[0].info.run_id if runs else None
+
+
 def _as_dict(r) -> dict[str, Any]:
     return {"run_id": r.info.run_id, "status": r.info.status, "params": dict(r.data.params),
             "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)}

@@ -46,7 +46,7 @@ rule aggregate:
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
         study=json.dumps({"source": SOURCE, "image_size": SIZE, "modalities": config["modalities"]}),
-    threads: min(4, workflow.cores)  # the bootstrap, a task per process; the stage runs last, mostly alone
+    threads: 2  # the bootstrap, a task per process; a cluster job asks for these CPUs (a small node has 2)
     resources:
         **cfg.cluster_resources(config, "aggregate"),  # SLURM only: partition, account, mem_mb, runtime
     log:

@@ -294,11 +294,19 @@ def headline_metrics(headline: dict[str, Any]) -> dict[str, float]:
 def log_aggregate_run(uri: str, experiment: str, out: Path, headline: dict[str, Any], eval_run_ids: list[str],
                       started_ms: int) -> str | None:
     """One MLflow run for the aggregate stage: the report, figures, tables and summaries as artifacts, the headline
-    as metrics, tagged with the evaluation runs it read. Tracking must not fail the stage: a warning at worst."""
+    as metrics, tagged with the evaluation runs it read. Logged once per content: rebuilding the same aggregate
+    (e.g. from DVC-pulled outputs) finds its run and leaves the store as it was. Tracking must not fail the
+    stage: a warning at worst."""
     try:
+        key = tracking.job_key("aggregate", "aggregate", tracking.fingerprint(
+            {"headline": headline, "evaluation_runs": sorted(eval_run_ids)}))
+        if (done := tracking.finished_run(uri, experiment, key)) is not None:
+            print(f"[aggregate] MLflow already holds this aggregate (run {done}); not logged again", flush=True)
+            return done
         run = tracking.Run(uri, experiment, name="aggregate", tags={"stage": "aggregate", "grid_id": "aggregate",
                                                                     "n_evaluations": str(len(eval_run_ids))},
-                           params={"evaluation_runs": ",".join(sorted(eval_run_ids))[:6000]}, start_time=started_ms)
+                           params={"evaluation_runs": ",".join(sorted(eval_run_ids))[:6000]}, key=key,
+                           start_time=started_ms)
         run.log_metrics(headline_metrics(headline))
         files = [(out / name, "") for name in ("report.html", "summary.csv", "summary.json", "fits.csv")]
         files += [(f, "tables") for f in sorted((out / "tables").glob("*.csv"))]
