@@ -407,6 +407,11 @@ def random_init_id(model: str, seed: int) -> str:
     return f"random/{model}/s{seed}"
 
 
+def external_id(name: str) -> str:
+    """Run id (and folder under results/baselines/) of an outside encoder of evaluate.external."""
+    return f"external/{name}"
+
+
 RAW_PIXELS_ID = "raw/pixels"
 
 

@@ -56,7 +56,7 @@ def eval_outputs():
                  for s in cfg.grid_values(config, "seeds")]
     if config["evaluate"]["raw_pixels"]:
         outs.append(f"results/baselines/{cfg.RAW_PIXELS_ID}/eval.json")
-    outs += [f"results/baselines/external/{e['name']}/eval.json" for e in config["evaluate"]["external"]]
+    outs += [f"results/baselines/{cfg.external_id(e['name'])}/eval.json" for e in config["evaluate"]["external"]]
     return outs
 
 
@@ -85,7 +85,7 @@ def eval_job(w, kind):
     if kind == "external":
         entry = cfg.external_entry(config, w.name)
         desc = {"method": "external", "modality": "", "data_size": 0}
-        return cfg.to_json(cfg.eval_job(config, kind, f"external/{w.name}", None, int(entry.get("seed", 0)), desc,
+        return cfg.to_json(cfg.eval_job(config, kind, cfg.external_id(w.name), None, int(entry.get("seed", 0)), desc,
                                         CODE_EVAL, entry))
     desc = {"method": "raw", "modality": "", "data_size": 0}
     return cfg.to_json(cfg.eval_job(config, kind, cfg.RAW_PIXELS_ID, None, 0, desc, CODE_EVAL))

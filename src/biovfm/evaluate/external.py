@@ -37,7 +37,7 @@ NESTED_KEYS = ("state_dict", "model", "module", "teacher")  # common wrappers of
 class ExternalSpec:
     """One outside encoder (an ``evaluate.external`` entry of params)."""
 
-    name: str  # id in the study: results/external/<name>, the summary's model column, the figure's label
+    name: str  # id in the study: results/baselines/external/<name>, the summary's model column, the figure's label
     path: str  # a weights file or an exported/timm folder (config.json + model.safetensors)
     arch: str = ""  # timm architecture; "" : the folder's config.json says
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
@@ -51,10 +51,6 @@ class ExternalSpec:
     def __post_init__(self) -> None:
         if self.feature not in FEATURES:
             raise ValueError(f"evaluate.external {self.name!r}: feature must be one of {FEATURES}, got {self.feature!r}")
-
-
-def external_id(name: str) -> str:
-    return f"external/{name}"
 
 
 def _folder_config(folder: Path) -> dict[str, Any]:
