@@ -1,3 +1,5 @@
+import sqlite3
+
 import pandas as pd
 import pytest
 
@@ -205,3 +207,40 @@ def test_retry_budget_is_validated(monkeypatch):
     monkeypatch.setenv(tracking.RETRY_ENV, "soon")
     with pytest.raises(ValueError, match="BIOVFM_MLFLOW_RETRY_S"):
         tracking.retry_budget()
+
+
+def _concurrent_job(uri: str, i: int, barrier) -> str:
+    """One finishing job: opens its run, logs the shared datasets, its metrics and a series, and finishes."""
+    barrier.wait()
+    run = tracking.Run(uri, "test", name=f"evaluate job{i}", tags={"stage": "evaluate", "grid_id": f"job{i}"},
+                       params={"i": i}, key=f"evaluate:job{i}:f0")
+    run.log_inputs(DATASETS)
+    run.log_metrics({"auc.pathmnist": i / 10})
+    run.log_series([(s, {"loss": 1.0 / s}) for s in range(1, 21)])
+    run.finish()
+    return run.run_id
+
+
+def test_eight_jobs_finishing_at_once_lose_and_duplicate_nothing(mlflow_uri):
+    """8 processes released by one barrier all write one SQLite store: every run lands once, whole, with the shared
+    dataset rows written once (two writers inserting the same dataset is a race the store loses to one of them)."""
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(8) as pool:
+        barrier = manager.Barrier(8)
+        run_ids = pool.starmap(_concurrent_job, [(mlflow_uri, i, barrier) for i in range(8)])
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("test").experiment_id
+    runs = client.search_runs([exp], max_results=100)
+    assert sorted(r.info.run_id for r in runs) == sorted(run_ids) and len(set(run_ids)) == 8
+    for r in runs:
+        i = int(r.data.tags["grid_id"][3:])
+        assert r.info.status == "FINISHED" and r.data.metrics["auc.pathmnist"] == pytest.approx(i / 10)
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 20
+        assert len(_inputs(client, r.info.run_id)) == 2
+    with sqlite3.connect(mlflow_uri.removeprefix("sqlite:///")) as db:
+        assert db.execute("SELECT name, digest FROM datasets ORDER BY name").fetchall() == [
+            ("corpus/all", "def456"), ("pathmnist", "abc123")]

@@ -91,20 +91,35 @@ def _error_code(e: BaseException) -> str:
     return str(getattr(e, "error_code", "") or "")
 
 
+RACE_RETRIES = 5
+
+
+def _lost_insert_race(e: BaseException) -> bool:
+    text = str(e)
+    return "UNIQUE constraint failed" in text or "duplicate key value" in text or "Duplicate entry" in text
+
+
 def _retry(fn: Callable[[], T], what: str, budget: float | None = None) -> T:
     """Call ``fn`` until it succeeds, backing off (0.5 s doubling, at most 4 s) for ``budget`` seconds in all.
 
     Transient failures ("database is locked", a server briefly down or restarting) are retried; permanent ones
-    (a missing run, a bad value) are raised at once. Raises :class:`TrackingUnavailable` when the budget is spent.
+    (a missing run, a bad value) are raised at once. A unique-constraint failure is the store's check-then-insert
+    race lost to another writer (two jobs logging the same dataset at once): the transaction was rolled back and a
+    retry finds the row, so it is retried a few times before it counts as permanent.
+    Raises :class:`TrackingUnavailable` when the budget is spent.
     """
     budget = retry_budget() if budget is None else budget
     deadline = time.monotonic() + budget
-    delay, attempts = 0.5, 0
+    delay, attempts, races = 0.5, 0, 0
     while True:
         attempts += 1
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified below
+            if _lost_insert_race(e) and races < RACE_RETRIES:
+                races += 1
+                time.sleep(0.05 * races)
+                continue
             if _error_code(e) in _PERMANENT:
                 raise
             left = deadline - time.monotonic()
