@@ -27,32 +27,56 @@ from biovfm.evaluate.metrics import get_acc, get_auc
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-def _scores(x_tr: np.ndarray, y_tr: np.ndarray, x: np.ndarray, c: float, multi_label: bool) -> np.ndarray:
+def _fit(x: np.ndarray, y: np.ndarray, c: float, multi_label: bool) -> list[LogisticRegression]:
+    """One logistic regression (multi-class/binary) or one per label column (multi-label)."""
+    cols = range(y.shape[1]) if multi_label else (0,)
+    return [LogisticRegression(C=c, max_iter=300).fit(x, y[:, j]) for j in cols]
+
+
+def _predict(models: list[LogisticRegression], x: np.ndarray, multi_label: bool) -> np.ndarray:
     """Class probabilities (N x C), or per-label positive probabilities (N x L) for multi-label."""
     if multi_label:
-        cols = []
-        for j in range(y_tr.shape[1]):
-            lr = LogisticRegression(C=c, max_iter=300).fit(x_tr, y_tr[:, j])
-            cols.append(lr.predict_proba(x)[:, 1])
-        return np.stack(cols, 1)
-    return LogisticRegression(C=c, max_iter=300).fit(x_tr, y_tr[:, 0]).predict_proba(x)
+        return np.stack([m.predict_proba(x)[:, 1] for m in models], 1)
+    return models[0].predict_proba(x)
 
 
-def raw_probe(data: dict[str, np.ndarray], task: str, grid: tuple[float, ...] = C_GRID) -> dict[str, float]:
-    """Test AUC/ACC of a raw-pixel logistic regression whose C maximises validation AUC."""
-    flat = {s: data[f"{s}_images"].reshape(len(data[f"{s}_images"]), -1).astype(np.float64) / 255
-            for s in ("train", "val", "test")}
-    scaler = StandardScaler().fit(flat["train"])
-    x = {s: scaler.transform(v) for s, v in flat.items()}
-    y = {s: data[f"{s}_labels"] for s in ("train", "val", "test")}
+def linear_probe(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], task: str,
+                 grid: tuple[float, ...] = C_GRID, extra_test: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, float]:
+    """StandardScaler + LogisticRegression on ``feats[split]`` (N x D); C maximises validation AUC, the model is fit
+    on train only. Returns test AUC/ACC, and ``auc_<name>`` for each extra test set (same labels as test)."""
+    scaler = StandardScaler().fit(np.asarray(feats["train"], np.float64))
+    x = {s: scaler.transform(np.asarray(v, np.float64)) for s, v in feats.items()}
     ml = task == MULTI_LABEL
+    fits, val = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        val = {c: get_auc(y["val"], _scores(x["train"], y["train"], x["val"], c, ml), task) for c in grid}
-        best = max(val, key=val.get)
-        s_test = _scores(x["train"], y["train"], x["test"], best, ml)
-    return {"C": best, "val_auc": val[best], "auc": get_auc(y["test"], s_test, task),
-            "acc": get_acc(y["test"], s_test, task)}
+        for c in grid:
+            fits[c] = _fit(x["train"], labels["train"], c, ml)
+            val[c] = get_auc(labels["val"], _predict(fits[c], x["val"], ml), task)
+    best = max(val, key=val.get)
+    s_test = _predict(fits[best], x["test"], ml)
+    out = {"C": best, "val_auc": val[best], "auc": get_auc(labels["test"], s_test, task),
+           "acc": get_acc(labels["test"], s_test, task)}
+    for name, v in (extra_test or {}).items():
+        s = _predict(fits[best], scaler.transform(np.asarray(v, np.float64)), ml)
+        out[f"auc_{name}"] = get_auc(labels["test"], s, task)
+    return out
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    """Flattened pixels in [0, 1] (N x H*W*C)."""
+    return images.reshape(len(images), -1).astype(np.float64) / 255
+
+
+def raw_probe(data: dict[str, np.ndarray], task: str, grid: tuple[float, ...] = C_GRID,
+              extra_test: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Test AUC/ACC of a raw-pixel logistic regression whose C maximises validation AUC (``extra_test``: other
+    test images, e.g. shifted copies, scored by the same fit as ``auc_<name>``)."""
+    feats = {s: pixels(data[f"{s}_images"]) for s in ("train", "val", "test")}
+    labels = {s: data[f"{s}_labels"] for s in ("train", "val", "test")}
+    extra = {k: pixels(v) for k, v in (extra_test or {}).items()}
+    return linear_probe(feats, labels, task, grid, extra)
 
 
 def chance_acc(y: np.ndarray, task: str) -> float:

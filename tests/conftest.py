@@ -1,7 +1,13 @@
-"""Shared fixtures: a tiny params dict, a tiny corpus store and a per-test MLflow SQLite store."""
+"""Shared fixtures: a tiny params dict, a tiny corpus store, a per-test MLflow SQLite store, and the small study run
+once per session through Snakemake (``small_study``; tests copy it with :func:`copy_study`)."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +20,9 @@ from biovfm.data.store import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "data" / "params.tiny.yaml"
+# The small study of the end-to-end tests: the tiny config's whole grid (2 methods x 2 models x 2 data sizes, the
+# baselines) on one task of each kind (multi-class, multi-label, binary, ordinal) instead of all 12.
+SMALL_STUDY_TASKS = ["pathmnist", "chestmnist", "breastmnist", "retinamnist"]
 
 
 @pytest.fixture
@@ -44,3 +53,42 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.init_store(uri, "test")
     return uri
+
+
+def small_study_params() -> dict:
+    p = yaml.safe_load(TINY_PARAMS.read_text())
+    p["data"]["tasks"] = list(SMALL_STUDY_TASKS)
+    return p
+
+
+def copy_study(study: Path, dest: Path) -> Path:
+    """A copy of a finished study that Snakemake also sees as finished: params.yaml, data/, results/ and .snakemake/
+    (the jobs' provenance records), with every modification time kept. MLflow's artifact folder is named by absolute
+    path in the store, so runs logged in the copy keep their artifacts under the original's results/mlflow-artifacts."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(study / "params.yaml", dest / "params.yaml")
+    for d in ("data", "results", ".snakemake"):
+        shutil.copytree(study / d, dest / d, symlinks=True, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("locks", "log") if d == ".snakemake" else None)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory) -> Path:
+    """The small study (:func:`small_study_params`) trained, evaluated and aggregated once through the real Snakemake
+    DAG, for the end-to-end tests that check a finished study (tests/test_workflow.py, tests/test_dvc_remote.py).
+    Read-only: copy it with :func:`copy_study` before running anything in it."""
+    work = tmp_path_factory.mktemp("small_study")
+    (work / "params.yaml").write_text(yaml.safe_dump(small_study_params(), sort_keys=False))
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `biovfm` entry point of this venv
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none",
+                           "--directory", str(work), "--cores", "2"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"the small study failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    print(f"[small_study] the small study through Snakemake in {time.perf_counter() - t0:.0f}s")
+    (work / "snakemake.log").write_text(proc.stdout + proc.stderr)
+    return work

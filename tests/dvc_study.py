@@ -36,15 +36,16 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return proc.stdout
 
 
-def make_project(path: Path) -> Path:
-    """A git checkout of the workflow with the small config as its params.yaml (DVC initialised, committed)."""
+def make_project(path: Path, params: Path = TINY_PARAMS) -> Path:
+    """A git checkout of the workflow with ``params`` (default: the small config) as its params.yaml (DVC
+    initialised, committed)."""
     path.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, path / name)
     shutil.copytree(REPO / "workflow", path / "workflow")
     shutil.copytree(REPO / "envs", path / "envs")  # the rules' conda env (Snakemake records its hash per job)
     shutil.copytree(REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(TINY_PARAMS, path / "params.yaml")
+    shutil.copy(params, path / "params.yaml")
     run(["git", "init", "-q"], path)
     run(DVC + ["init", "-q"], path)
     run(["git", "add", "-A"], path)

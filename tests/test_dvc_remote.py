@@ -1,5 +1,6 @@
-"""DVC remote round trip: train once, `biovfm sync push` to a local-folder remote, `git clone` + `biovfm sync pull`
-elsewhere, and the figures and tables rebuild from the pulled outputs without retraining, byte for byte."""
+"""DVC remote round trip: the small study (trained once per session) reproduced with `dvc repro`, `biovfm sync push` to
+a local-folder remote, `git clone` + `biovfm sync pull` elsewhere, and the figures and tables rebuild from the pulled
+outputs without retraining, byte for byte."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import time
 import pytest
 import yaml
 
+from conftest import copy_study
 from dvc_study import BIOVFM, DVC, job_stats, make_project, planned_jobs, rule_outputs, run, run_proc, tree
 
 # Not shared through the remote: job logs, and MLflow's artifact folder (the store names it by absolute path, so it
@@ -19,12 +21,19 @@ TRAINING_RULES = {"download", "preprocess_task", "preprocess_corpus", "mlflow_in
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
-    """The small study, trained once (`dvc repro`) and pushed to a local-folder remote named in .dvc/config."""
+def study(small_study, tmp_path_factory) -> dict:
+    """The small study in a git + DVC project, reproduced (`dvc repro`) and pushed to a local-folder remote named in
+    .dvc/config. The session's finished study (conftest's ``small_study``, trained by the same Snakemake DAG) is
+    copied in first, so the stage's `snakemake --cores all` finds every job done and DVC records and caches its
+    outputs: training it a second time would test nothing more."""
     root = tmp_path_factory.mktemp("dvc_remote")
     t0 = time.perf_counter()
-    origin = make_project(root / "origin")
-    run(DVC + ["repro"], origin)
+    origin = make_project(root / "origin", params=small_study / "params.yaml")
+    copy_study(small_study, origin)
+    repro = run_proc(DVC + ["repro"], origin)
+    out = repro.stdout + repro.stderr
+    assert repro.returncode == 0, out[-3000:]
+    assert "Running stage 'study'" in out and job_stats(out) == {}, f"Snakemake reran jobs:\n{out[-3000:]}"
     remote = root / "remote"
     run(DVC + ["remote", "add", "-d", "store", str(remote)], origin)
     run(["git", "add", "-A"], origin)
@@ -32,7 +41,7 @@ def study(tmp_path_factory) -> dict:
     push = run_proc(BIOVFM + ["sync", "push"], origin)
     assert push.returncode == 0, push.stderr[-3000:]
     assert remote.is_dir() and any(remote.rglob("*")), "nothing reached the remote"
-    print(f"[test] trained and pushed in {time.perf_counter() - t0:.0f}s")
+    print(f"[test] reproduced and pushed in {time.perf_counter() - t0:.0f}s")
     return {"root": root, "origin": origin, "remote": remote}
 
 

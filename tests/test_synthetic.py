@@ -12,6 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from biovfm.data import synthetic as S
 from biovfm.data.medmnist import BINARY, MULTI_LABEL, ORDINAL, TASKS, validate_arrays
+from biovfm.evaluate.metrics import get_auc
 
 GRAY_MODALITIES = {t.modality for t in TASKS.values() if t.n_channels == 1}
 
@@ -167,8 +168,9 @@ def _sorted_intensities(x: np.ndarray) -> np.ndarray:
 
 
 def test_labels_carry_signal_for_raw_pixels():
-    assert _raw_auc("pneumoniamnist") > 0.65
-    assert _raw_auc("organamnist") > 0.8
+    """Above chance, and off the ceiling (issue 14: 0.5 < raw-pixel AUC < ~0.95)."""
+    assert _raw_auc("pneumoniamnist") > 0.58
+    assert 0.8 < _raw_auc("organamnist") < 0.95
 
 
 def test_shuffled_labels_carry_no_signal():
@@ -184,3 +186,56 @@ def test_shuffled_labels_carry_no_signal():
 def test_texture_features_beat_chance_on_location_free_labels():
     """Histology classes are textures at random places: quantile features separate them well."""
     assert _raw_auc("pathmnist", features=_sorted_intensities) > 0.85
+
+
+@pytest.mark.parametrize("flag", list(TASKS))
+def test_every_task_is_deterministic(flag):
+    """Same seed, same bytes, for every renderer."""
+    a = S.generate_split(flag, 6, "val", seed=5)
+    b = S.generate_split(flag, 6, "val", seed=5)
+    assert a[0].tobytes() == b[0].tobytes() and np.array_equal(a[1], b[1])
+
+
+# Issue 14: a linear read-out of raw pixels can use the per-channel image mean (a linear function of the pixels).
+# The generator must not let it give the label away: tone varies with the style, independently of the label, and
+# classes differ in local structure (benchmarks/synthetic_shortcuts.py, column "mean"). Bright adipose/background
+# tiles keep path above chance, and the density of the crop-centred organ the organ tasks, as in the real datasets.
+# Measured (400/400 images, seed 11 / 12) before -> after: path 0.83 / 0.81 -> 0.77 / 0.76, organA 0.71 / 0.68 (the
+# same after), every other task <= 0.59 both times.
+MEAN_PROBE_CAP = {"pathmnist": 0.80, "organamnist": 0.74, "organcmnist": 0.74, "organsmnist": 0.74}
+
+
+def _channel_means(x: np.ndarray) -> np.ndarray:
+    return (x.reshape(len(x), -1, x.shape[-1] if x.ndim == 4 else 1) / 255.0).mean(1)
+
+
+@pytest.mark.parametrize("flag", list(TASKS))
+def test_global_brightness_does_not_give_the_label_away(flag):
+    info = TASKS[flag]
+    d = S.generate_task(flag, 400, 2, 400, seed=11)
+    sc = StandardScaler().fit(_channel_means(d["train_images"]))
+    x_tr, x_te = (sc.transform(_channel_means(d[f"{s}_images"])) for s in ("train", "test"))
+    y_tr = d["train_labels"]
+    cols = range(y_tr.shape[1]) if info.task == MULTI_LABEL else (0,)
+    fits = [LogisticRegression(max_iter=300).fit(x_tr, y_tr[:, j]) for j in cols]
+    p = (np.stack([f.predict_proba(x_te)[:, 1] for f in fits], 1) if info.task == MULTI_LABEL
+         else fits[0].predict_proba(x_te))
+    assert get_auc(d["test_labels"], p, info.task) < MEAN_PROBE_CAP.get(flag, 0.65)
+
+
+# No fixed pixel block may carry the label of object-centred tasks (lesion, cell, macular finding): the largest
+# Fisher ratio (between-class over within-class variance) of a 4 x 4-pixel block mean over the 7 x 7 grid, measured
+# before -> after the fix on 1,200 test images (seed 5): derma 0.67 -> 0.24, blood 0.30 -> 0.12, oct 0.11 -> 0.04.
+BLOCK_FISHER_CAP = {"dermamnist": 0.35, "bloodmnist": 0.18, "octmnist": 0.08}
+
+
+@pytest.mark.parametrize("flag", list(BLOCK_FISHER_CAP))
+def test_no_fixed_pixel_block_carries_the_label(flag):
+    x, y, _ = S.generate_split(flag, 1200, "test", seed=5)
+    x = x.astype(float) / 255
+    x = (x if x.ndim == 4 else x[..., None]).reshape(len(x), 7, 4, 7, 4, -1).mean((2, 4))
+    y = y[:, 0]
+    classes = np.unique(y)
+    between = np.stack([x[y == c].mean(0) for c in classes]).var(0)
+    within = np.mean([x[y == c].var(0) for c in classes], 0)
+    assert (between / within).max() < BLOCK_FISHER_CAP[flag]

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from biovfm.config import grid_points, validate_params
-from conftest import REPO, TINY_PARAMS
+from conftest import REPO, TINY_PARAMS, copy_study
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none"]
 
@@ -88,14 +88,24 @@ def _outside_encoder(workdir: Path, p: dict) -> str:
 
 
 @pytest.mark.slow
-def test_small_study_end_to_end(workdir):
+def test_small_study_end_to_end(small_study, tmp_path):
+    """The small study's whole DAG (run once per session by the ``small_study`` fixture, copied here), then an outside
+    encoder added to it: only its evaluation and the aggregate step run, and every output covers it."""
+    workdir = copy_study(small_study, tmp_path / "study")
+    log = (small_study / "snakemake.log").read_text()
+    table = log.split("Job stats:")[1].split("total")[0]  # what the session's run did: the whole DAG
+    ran = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
     p = yaml.safe_load((workdir / "params.yaml").read_text())
+    n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
+    assert ran == {"download": 1, "mlflow_init": 1, "preprocess_task": len(p["data"]["tasks"]), "preprocess_corpus": 1,
+                   "task_examples": 1, "task_stats": 1, "pretrain": n_pre, "evaluate": n_pre,
+                   "evaluate_random_init": len(p["grid"]["models"]), "evaluate_raw_pixels": 1, "aggregate": 1, "all": 1}
     outside = _outside_encoder(workdir, p)
+    assert planned_jobs(workdir) == {"evaluate_external": 1, "aggregate": 1, "all": 1}  # nothing else reruns
     snakemake(workdir, "--cores", "2")
     res = workdir / "results"
     summary = pd.read_csv(res / "summary.csv", keep_default_na=False)
     n_tasks = len(p["data"]["tasks"])
-    n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
     n_models = n_pre + len(p["grid"]["models"]) + 1 + 1  # + random-init per size + raw pixels + the outside encoder
     fractions = validate_params(p)["evaluate"]["label_fractions"]
     n_estimators = 2 + len(fractions)  # paper, kNN, logreg at each fraction (1 among them)
@@ -152,10 +162,12 @@ def test_small_study_end_to_end(workdir):
     exp = client.get_experiment_by_name(p["tracking"]["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     stages = pd.Series([r.data.tags["stage"] for r in runs]).value_counts().to_dict()
-    assert stages == {"preprocess": 1, "pretrain": n_pre, "evaluate": n_models, "aggregate": 1}
+    # one aggregate run per content: the study's, then the one with the outside encoder
+    assert stages == {"preprocess": 1, "pretrain": n_pre, "evaluate": n_models, "aggregate": 2}
     exp_tags = exp.tags
     assert exp_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
-    agg = next(r for r in runs if r.data.tags["stage"] == "aggregate")
+    first, agg = sorted((r for r in runs if r.data.tags["stage"] == "aggregate"), key=lambda r: r.info.start_time)
+    assert first.data.metrics["n_models"] == n_models - 1
     assert {"report.html", "summary.csv", "summary.json", "fits.csv", "figures", "tables"} == {
         f.path for f in client.list_artifacts(agg.info.run_id)}
     assert len(client.list_artifacts(agg.info.run_id, "figures")) >= 9

@@ -14,7 +14,8 @@ def _download(a: argparse.Namespace) -> None:
     from biovfm.data.download import generate_synthetic
     from biovfm.io import write_json
 
-    spec = json.loads(a.spec)
+    spec = _json_arg("--spec", a.spec, "the download settings")
+    _check_call("--spec", "the download settings", generate_synthetic, a.out, **(spec if isinstance(spec, dict) else {}))
     manifest = generate_synthetic(a.out, **spec)
     write_json(Path(a.out) / "manifest.json", manifest)
 
@@ -42,7 +43,8 @@ def _preprocess_task(a: argparse.Namespace) -> None:
     from biovfm.data.medmnist import task_info_from_dict
     from biovfm.data.preprocess import preprocess_task
 
-    info = task_info_from_dict(json.loads(a.info)) if a.info else a.task
+    what = "a task description (TaskInfo)"
+    info = _parse("--info", what, task_info_from_dict, _json_arg("--info", a.info, what)) if a.info else a.task
     preprocess_task(a.raw, a.out, info, a.size)
 
 
@@ -50,7 +52,9 @@ def _preprocess_corpus(a: argparse.Namespace) -> None:
     from biovfm.data import store
     from biovfm.data.preprocess import log_corpus_report, preprocess_corpus
 
-    spec = json.loads(a.spec)
+    spec = _json_arg("--spec", a.spec, "the corpus section")
+    if not isinstance(spec, dict) or "sources" not in spec:
+        raise ValueError(f"--spec: expected the corpus section as a JSON object with `sources`, got {a.spec[:80]!r}")
     report = preprocess_corpus(spec["sources"], a.out, a.size, a.tasks, workers=a.workers,
                                shard_size=spec.get("shard_size", store.DEFAULT_SHARD_SIZE),
                                max_bad_fraction=spec.get("max_bad_fraction", 0.01), on_leak=spec.get("on_leak", "fail"))
@@ -133,7 +137,7 @@ def _pretrain_process(a: argparse.Namespace, claimed_gpus: int) -> None:
     from biovfm.train.engine import pretrain
     from biovfm.train.loader import micro_batch
 
-    job = pretrain_job_from_json(a.job)
+    job = _parse("--job", "a pretraining job", pretrain_job_from_json, a.job)
     # 0: one per visible GPU; a job that got GPUs (SLURM, or claimed here): one per GPU; under srun -n N: N
     nproc = distributed.resolve_nproc(job.train.nproc if a.processes is None else a.processes, gpus=claimed_gpus)
     threads = a.threads or job.train.threads
@@ -155,7 +159,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     from biovfm import devices
     from biovfm.config import eval_job_from_json
 
-    job = eval_job_from_json(a.job)
+    job = _parse("--job", "an evaluation job", eval_job_from_json, a.job)
     if a.threads:
         job = replace(job, threads=a.threads)
     with devices.job_gpus(a.gpus) as gpus:
@@ -169,7 +173,8 @@ def _evaluate(a: argparse.Namespace) -> None:
 def _aggregate(a: argparse.Namespace) -> None:
     from biovfm.analysis.collect import aggregate
 
-    aggregate(a.evals, a.uri, a.out, study=json.loads(a.study), task_stats=a.task_stats, n_boot=a.n_boot,
+    study = _json_arg("--study", a.study, "the study settings")
+    aggregate(a.evals, a.uri, a.out, study=study, task_stats=a.task_stats, n_boot=a.n_boot,
               corpus_report=a.corpus_report, experiment=a.experiment, workers=a.threads)
 
 
@@ -196,7 +201,9 @@ def _task_stats(a: argparse.Namespace) -> None:
     from biovfm.analysis.taskstats import run_task_stats
     from biovfm.data.medmnist import task_info_from_dict
 
-    custom = [task_info_from_dict(d) for d in json.loads(a.custom_tasks)] if a.custom_tasks else []
+    custom = ([_parse("--custom-tasks", "a list of task descriptions (TaskInfo)", task_info_from_dict, d)
+               for d in _json_arg("--custom-tasks", a.custom_tasks, "a list of task descriptions")]
+              if a.custom_tasks else [])
     run_task_stats(a.tasks, a.out, custom, max_images=a.max_images, seed=a.seed)
 
 
@@ -210,6 +217,46 @@ def _sync(a: argparse.Namespace) -> None:
         sync.pull(cwd, a.remote, a.jobs, adopt_outputs=not a.no_adopt, snakemake_args=a.snakemake)
     else:
         sync.adopt(cwd, a.snakemake)
+
+
+def _json_arg(option: str, text: str, what: str):
+    """A JSON argument; malformed JSON is an error naming the option (the workflow writes these: a hand-edited
+    command line is the usual cause)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option}: not valid JSON ({e.msg} at character {e.pos}): expected {what}, as the workflow "
+                         f"writes it; copy the command from the job's log or rerun it through snakemake") from None
+
+
+def _parse(option: str, what: str, fn, value):
+    """``fn(value)`` for a job description; a missing or unknown field is an error naming the option."""
+    try:
+        return fn(value)
+    except json.JSONDecodeError:
+        _json_arg(option, value, what)  # raises, naming the option
+        raise
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{option}: not {what} of this version of biovfm ({type(e).__name__}: {_text(e)}); "
+                         "the workflow writes it: rerun the job through snakemake") from None
+
+
+def _check_call(option: str, what: str, fn, *args, **kwargs) -> None:
+    """Check that the JSON fields of ``option`` fit ``fn``'s parameters, before anything runs."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{option}: not {what} of this version of biovfm ({e}); the workflow writes it: rerun "
+                         "the job through snakemake") from None
+
+
+def _text(e: BaseException) -> str:
+    """An exception's message; a KeyError's without the quotes str() adds."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
 
 
 GPUS_HELP = ("GPUs this job uses on a machine with GPUs: it claims that many free ones (one job per GPU) and pins "
@@ -368,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_error(cmd: str, e: BaseException) -> None:
     """The one-line message first (what a user reads in Snakemake's summary), a hint for the errors of scale, then
     the traceback, so that a CUDA out-of-memory or NCCL error in a cluster log can be traced."""
-    print(f"biovfm {cmd}: error: {e if str(e) else type(e).__name__}", file=sys.stderr)
+    print(f"biovfm {cmd}: error: {_text(e) or type(e).__name__}", file=sys.stderr)
     name = type(e).__name__
     if name == "OutOfMemoryError":
         print("hint: the job ran out of GPU memory; lower pretrain.batch_size or raise pretrain.grad_accum (same "

@@ -36,6 +36,9 @@ def load_params(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"{path}: no such params file") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the file is empty; a params file is a mapping with at least grid: and models: "
+                          "(see params.yaml of the repository)")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return validate_params(raw, source=str(path))
@@ -51,6 +54,7 @@ def validate_params(params: dict[str, Any], source: str = "params.yaml") -> dict
         if isinstance(m, dict) and isinstance(m.get("patch_size"), dict):
             m["patch_size"] = {str(k): v for k, v in m["patch_size"].items()}
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    _empty_sections_to_mappings(params, schema)
     validator = _defaulting_validator(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
@@ -72,8 +76,28 @@ def _defaulting_validator(schema: dict) -> jsonschema.protocols.Validator:
                     instance[key] = copy.deepcopy(sub["default"])
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    def pattern(validator, patrn, instance, schema):
+        # JSON Schema's `$` (ECMA-262) matches only at the very end; Python's re, which jsonschema uses, also before a
+        # final newline, so "mine\n" would pass ^[a-z][a-z0-9_]*$ and reach file names and wildcards
+        if isinstance(instance, str) and instance.endswith("\n") and patrn.endswith("$"):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {patrn!r} (it ends in a newline)")
+            return
+        yield from base.VALIDATORS["pattern"](validator, patrn, instance, schema)
+
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults, "pattern": pattern})
     return cls(schema)
+
+
+def _empty_sections_to_mappings(params: dict[str, Any], schema: dict[str, Any]) -> None:
+    """A section left empty in YAML (``evaluate:`` with every line below commented out) reads as null: take it as
+    an empty mapping, i.e. all defaults, as the user meant (recursively through the schema's object sections)."""
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in params or not isinstance(sub, dict) or sub.get("type") != "object":
+            continue
+        if params[key] is None:
+            params[key] = {}
+        if isinstance(params[key], dict):
+            _empty_sections_to_mappings(params[key], sub)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -86,7 +110,31 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 def _short_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties are not allowed", "unknown key(s)")
+    if error.validator == "type" and isinstance(error.instance, str) and _is_number(error.instance):
+        return f"{error.message} ({_number_hint(error.instance, error.validator_value)})"
+    if error.validator in ("oneOf", "anyOf") and isinstance(error.schema, dict) and error.schema.get("description"):
+        return f"{error.instance!r} is not valid here: expected {error.schema['description']}"
     return error.message
+
+
+def _number_hint(text: str, expected: Any) -> str:
+    """How to write a number that YAML read as text: quoted, or 1e-4 / 1e3 (YAML 1.1, as PyYAML and Snakemake read
+    params, takes a float only with a dot and a signed exponent)."""
+    value = float(text)
+    if "integer" in (expected if isinstance(expected, list) else [expected]) and value.is_integer():
+        return f"YAML reads {text} as text; write {int(value)}"
+    mantissa, e, exponent = text.strip().lower().partition("e")
+    if e and "." not in mantissa:
+        return f"YAML reads {text} as text; write {mantissa}.0e{exponent if exponent[:1] in '+-' else '+' + exponent}"
+    return f"YAML reads {text} as text; write the number without quotes"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
 def _check_data(p: dict[str, Any], source: str) -> None:

@@ -180,11 +180,28 @@ def load_npz(path: str | Path, info: TaskInfo | None = None, mmap: bool = False)
     else:
         try:
             with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as e:  # zipfile.BadZipFile, ValueError on pickles, EOFError on truncation
+                data = {k: _read_member(z, k, path) for k in z.files}
+        except NpzFormatError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, EOFError on truncation, ...
             raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
     validate_arrays(data, path, info)
     return data
+
+
+def _read_member(z, key: str, path: Path) -> np.ndarray:
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise pickled_array_error(path, key) from None
+        raise
+
+
+def pickled_array_error(path: str | Path, key: str) -> NpzFormatError:
+    """The refusal of an npz member that holds Python objects: reading it would unpickle, which can run code."""
+    return NpzFormatError(f"{path}: {key} holds Python objects (a pickled object array); refused, as unpickling can "
+                          "run code. Save plain arrays: uint8 images and integer labels (np.savez, no dtype=object)")
 
 
 DIGEST_SAMPLE = 256  # images per split hashed for a task's digest
@@ -214,7 +231,12 @@ def _read_npz_mmap(path: Path) -> dict[str, np.ndarray]:
                 key = zi.filename[:-4] if zi.filename.endswith(".npy") else zi.filename
                 if zi.compress_type != zipfile.ZIP_STORED:
                     with zf.open(zi) as f:
-                        data[key] = np.lib.format.read_array(f, allow_pickle=False)
+                        try:
+                            data[key] = np.lib.format.read_array(f, allow_pickle=False)
+                        except ValueError as e:
+                            if "allow_pickle" in str(e):
+                                raise pickled_array_error(path, key) from None
+                            raise
                     continue
                 raw.seek(zi.header_offset)
                 header = raw.read(30)
@@ -228,19 +250,27 @@ def _read_npz_mmap(path: Path) -> dict[str, np.ndarray]:
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
                 if dtype.hasobject:
-                    raise ValueError(f"member {zi.filename} holds Python objects")
+                    raise pickled_array_error(path, key)
                 offset = raw.tell()
                 if int(np.prod(shape)) == 0:
                     data[key] = np.empty(shape, dtype=dtype)
                 else:
                     data[key] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
                                           order="F" if fortran else "C")
+    except NpzFormatError:
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error) as e:
         raise NpzFormatError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from e
     return data
 
 
 def validate_arrays(data: dict[str, np.ndarray], path: str | Path, info: TaskInfo | None = None) -> None:
+    """Check the MedMNIST layout; the message names the file, the array and what to change.
+
+    Harmless variants of the layout are accepted and normalised in ``data`` (in place), so every reader sees the
+    one layout: labels stored as ``(N,)`` (some public copies of MedMNIST) become ``(N, 1)``; boolean labels and
+    float labels holding whole numbers become int64; grayscale images stored as ``N x H x W x 1`` become
+    ``N x H x W``."""
     missing = [k for k in NPZ_KEYS if k not in data]
     extra = [k for k in data if k not in NPZ_KEYS]
     if missing or extra:
@@ -249,19 +279,36 @@ def validate_arrays(data: dict[str, np.ndarray], path: str | Path, info: TaskInf
     for split in SPLITS:
         x, y = data[f"{split}_images"], data[f"{split}_labels"]
         if x.dtype != np.uint8:
-            raise NpzFormatError(f"{path}: {split}_images has dtype {x.dtype}, expected uint8")
-        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] != 3) or x.shape[1] != x.shape[2]:
-            raise NpzFormatError(f"{path}: {split}_images has shape {x.shape}, expected N x H x W or N x H x W x 3")
+            hint = (" (images scaled to [0, 1]: (x * 255).round().astype(np.uint8))"
+                    if np.issubdtype(x.dtype, np.floating) else " (map the intensities to 0..255 first)")
+            raise NpzFormatError(f"{path}: {split}_images has dtype {x.dtype}, expected uint8; convert the images to "
+                                 f"uint8{hint}")
+        if x.ndim == 4 and x.shape[-1] == 1:  # grayscale with a channel axis: the same images
+            data[f"{split}_images"] = x = x[..., 0]
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] != 3):
+            raise NpzFormatError(f"{path}: {split}_images has shape {x.shape}, expected N x H x W (grayscale) or "
+                                 "N x H x W x 3 (RGB)")
+        if x.shape[1] != x.shape[2]:
+            raise NpzFormatError(f"{path}: {split}_images has shape {x.shape}: the images are {x.shape[1]} x "
+                                 f"{x.shape[2]} pixels, expected square ones (H = W); crop or pad them to a square")
         if shape0 is None:
             shape0 = x.shape[1:]
         elif x.shape[1:] != shape0:
             raise NpzFormatError(f"{path}: {split}_images has image shape {x.shape[1:]}, other splits {shape0}")
+        if y.ndim == 1 and y.shape[0] == x.shape[0]:  # one label per image, without the column axis
+            data[f"{split}_labels"] = y = y.reshape(-1, 1)
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
-            raise NpzFormatError(f"{path}: {split}_labels has shape {y.shape}, expected ({x.shape[0]}, L)")
+            raise NpzFormatError(f"{path}: {split}_labels has shape {y.shape}, expected ({x.shape[0]}, L): one row "
+                                 f"per image of {split}_images")
+        if y.dtype == np.bool_ or (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
+                                   and np.array_equal(y, np.round(y))):
+            data[f"{split}_labels"] = y = y.astype(np.int64)  # 0/1 flags, or whole numbers stored as floats
         if not np.issubdtype(y.dtype, np.integer):
-            raise NpzFormatError(f"{path}: {split}_labels has dtype {y.dtype}, expected integers")
+            raise NpzFormatError(f"{path}: {split}_labels has dtype {y.dtype} with values that are not whole numbers, "
+                                 "expected integers: class indices 0..K-1 (multi-label: 0/1 per column)")
         if x.shape[0] == 0:
-            raise NpzFormatError(f"{path}: {split} split is empty")
+            raise NpzFormatError(f"{path}: {split} split is empty (0 images); every split (train, val, test) needs "
+                                 "images")
         if info is not None:
             _check_labels(info, x, y, f"{path}: {split}")
 

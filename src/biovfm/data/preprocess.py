@@ -47,13 +47,16 @@ def preprocess_task(raw_npz: str | Path, out_npz: str | Path, task: str | TaskIn
             n, _, _, *channels = shapes[key]
             with out.member(key, (n, size, size, *channels), np.uint8) as put:
                 for _, rows in iter_npz_rows(raw_npz, key, chunk, f"task {info.flag}"):
+                    if rows.ndim == 4 and rows.shape[-1] == 1:  # grayscale stored N x H x W x 1 (load_npz accepts it)
+                        rows = rows[..., 0]
                     put(resize_images(rows, size))
             out.add(f"{split}_labels", labels[f"{split}_labels"])
 
 
 def _validated_layout(raw_npz: str | Path, info: TaskInfo) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     """The task's labels and image shapes, checked by the one validator (:func:`load_npz`); uncompressed images
-    (MedMNIST's files) are memory-mapped there, so no pixel is read (a deflated member is, once, then let go)."""
+    (MedMNIST's files) are memory-mapped there, so no pixel is read (a deflated member is, once, then let go).
+    Labels and shapes come normalised (labels N x L integers, grayscale images N x H x W)."""
     data = load_npz(raw_npz, info, mmap=True)
     return ({k: v for k, v in data.items() if k.endswith("_labels")},
             {k: v.shape for k, v in data.items() if k.endswith("_images")})
@@ -267,7 +270,11 @@ def corpus_problems(srcs: list[Source], stats: dict[int, SourceStats], report: d
             print(f"[preprocess] {s.where}: {st.leaked} images equal validation/test images and were left out "
                   f"(on_leak: drop), e.g. {examples}", flush=True)
     if not problems and report["n_images"] == 0:
-        problems.append("the corpus is empty: every image was a duplicate, blank or left out")
+        total = {k: sum(getattr(st, k) for st in stats.values()) for k in ("files", "skipped", "blank", "duplicates",
+                                                                            "leaked")}
+        problems.append(f"the corpus is empty: of {total['files']} input(s), {total['skipped']} skipped (not images: "
+                        f"reports, unsupported DICOM modalities, ...), {total['blank']} blank frame(s), "
+                        f"{total['duplicates']} duplicate(s), {total['leaked']} left out as evaluation images")
     return problems
 
 

@@ -277,6 +277,8 @@ def iter_units(sources: Sequence[Source], ignored: dict[str, int] | None = None)
 
 def _synthetic_units(i: int, src: Source) -> Iterator[ArrayUnit]:
     path = Path(src.path)
+    if not path.is_file():
+        raise SourceError(f"{src.where}: {path}: no such file; run the download stage first (or fix `path`)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if set(z.files) != {"images", "modality"}:
@@ -308,8 +310,13 @@ def iter_npz_rows(path: str | Path, key: str, chunk: int, where: str = "") -> It
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise ValueError(f"npy format version {version} is not supported")
-            if fortran or dtype.hasobject or not shape:
-                raise ValueError(f"{key} must be a C-ordered numeric array, got shape {shape} dtype {dtype}")
+            if dtype.hasobject:
+                raise SourceError(f"{prefix}{path}: {key} holds Python objects (a pickled object array); refused, as "
+                                  "unpickling can run code. Save plain numeric arrays (np.savez, no dtype=object)")
+            if fortran or not shape:
+                raise SourceError(f"{prefix}{path}: {key} must be a C-ordered array of rows, got shape {shape}"
+                                  + (" in Fortran (column-major) order, as np.savez stores a transposed array; save "
+                                     "np.ascontiguousarray(x) instead" if fortran else ""))
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             for start in range(0, shape[0], chunk):
                 n = min(chunk, shape[0] - start)
@@ -317,6 +324,8 @@ def iter_npz_rows(path: str | Path, key: str, chunk: int, where: str = "") -> It
                 yield start, np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
     except KeyError:
         raise SourceError(f"{prefix}{path}: has no array {key!r}; is it a MedMNIST/corpus npz?") from None
+    except SourceError:
+        raise
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
         raise SourceError(f"{prefix}{path}: not a readable npz ({type(e).__name__}: {e}); download it again") from e
 
@@ -436,18 +445,21 @@ def _manifest_chunks(src: Source, manifest: Path, rows: int = 10_000) -> Iterato
     if name.endswith(".csv"):
         import pandas as pd
 
-        batches = (b for b in pd.read_csv(manifest, dtype=str, keep_default_na=False, chunksize=rows))
+        batches = _read_csv_chunks(pd, manifest, rows)
         to_cols = lambda b: {c: b[c].tolist() for c in columns if c in b.columns}  # noqa: E731
     elif name.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(manifest)
+        try:
+            pf = pq.ParquetFile(manifest)
+        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise _unreadable_manifest(src, manifest, e) from None
         have = set(pf.schema_arrow.names)
         batches = pf.iter_batches(batch_size=rows, columns=[c for c in columns if c in have])
         to_cols = lambda b: {c: [str(v) for v in b.column(c).to_pylist()] for c in b.schema.names}  # noqa: E731
     else:
         raise SourceError(f"{src.where}: manifest {manifest} must be .csv or .parquet")
-    for batch in batches:
+    for batch in _readable(batches, src, manifest):
         cols = to_cols(batch)
         if missing := [c for c in columns if c not in cols]:
             raise SourceError(f"{src.where}: manifest {manifest} lacks column(s) {missing} "
@@ -455,6 +467,29 @@ def _manifest_chunks(src: Source, manifest: Path, rows: int = 10_000) -> Iterato
         paths = cols[src.path_column]
         mods = cols.get(src.modality_column, [""] * len(paths)) if not src.modality else [""] * len(paths)
         yield list(zip(paths, mods))
+
+
+def _read_csv_chunks(pd, manifest: Path, rows: int):
+    with pd.read_csv(manifest, dtype=str, keep_default_na=False, chunksize=rows) as reader:
+        yield from reader
+
+
+def _readable(batches, src: Source, manifest: Path):
+    """The batches of a manifest reader; a file the reader cannot parse is a SourceError naming it."""
+    try:
+        yield from batches
+    except SourceError:
+        raise
+    except (ValueError, OSError) as e:  # pandas' EmptyDataError/ParserError, UnicodeDecodeError, ArrowInvalid
+        raise _unreadable_manifest(src, manifest, e) from None
+
+
+def _unreadable_manifest(src: Source, manifest: Path, e: Exception) -> SourceError:
+    kind = "Parquet" if manifest.name.lower().endswith((".parquet", ".pq")) else "CSV"
+    reason = str(e).splitlines()[0] if str(e) else ""
+    return SourceError(f"{src.where}: manifest {manifest} cannot be read as {kind} ({type(e).__name__}: {reason}); "
+                       f"it needs a header row with the `{src.path_column}` column"
+                       + ("" if src.modality else f" and the `{src.modality_column}` column"))
 
 
 # --------------------------------------------------------------------------------------------- conversion

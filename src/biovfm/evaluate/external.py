@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from biovfm.evaluate.features import to_nchw
+from biovfm.evaluate.features import read_safetensors, to_nchw
 
 FEATURES = ("auto", "mean_patch", "pooled")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -81,9 +81,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     plain tensors is refused); a state dict nested under a common key (``state_dict``, ``model``, ...) and a
     ``module.`` prefix (DistributedDataParallel) are unwrapped."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
+        state: Any = read_safetensors(path)
     elif path.suffix in TORCH_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -55,9 +55,18 @@ def to_nchw(images: np.ndarray, in_chans: int = 3) -> torch.Tensor:
     return x.float()
 
 
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an unreadable one is a ValueError that names it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "write it again or point at the right file") from e
+
+
 def load_encoder(path: str | Path, spec: ModelSpec, image_size: int, in_chans: int = 3) -> torch.nn.Module:
     encoder = build_encoder(spec, image_size, in_chans)
-    state = load_file(str(path))
+    state = read_safetensors(path)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit model {spec.name} at {image_size}px "

@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from biovfm.methods.base import Method, StepContext
-from biovfm.models.vit import sincos_pos_embed
+from biovfm.models.vit import last_block_at, sincos_pos_embed
 from biovfm.train.augment import normalize, random_resized_crop
 
 
@@ -85,21 +86,49 @@ class MAE(Method):
 
     def forward_encoder(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
-        x = enc.patch_embed(x) + enc.pos_embed[:, 1:]
-        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        proj = enc.patch_embed.proj
+        if isinstance(enc.patch_embed.norm, nn.Identity) and proj.padding == (0, 0) and proj.stride == proj.kernel_size:
+            # embed the kept patches only: the patch convolution as a matmul on the gathered pixels (4x fewer
+            # FLOPs at mask ratio 0.75, and a GEMM instead of a strided convolution: -1 % of a ViT-T step at 28 px)
+            cols = F.unfold(x, proj.kernel_size, stride=proj.stride).transpose(1, 2)  # (B, N, C*p*p), row-major
+            cols = cols.gather(1, keep.unsqueeze(-1).expand(-1, -1, cols.shape[-1]))
+            x = F.linear(cols, proj.weight.flatten(1), proj.bias) + enc.pos_embed[0, 1:][keep]
+        else:
+            x = enc.patch_embed(x) + enc.pos_embed[:, 1:]
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         return enc.norm(enc.blocks(x))
 
-    def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+    def decoder_input(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """Encoded tokens and mask tokens back in patch order (CLS first), with the decoder's positions."""
         x = self.decoder_embed(latent)
         b, k1, d = x.shape
         n = restore.shape[1]
         tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, n - (k1 - 1), d)], dim=1)
         tokens = tokens.gather(1, restore.unsqueeze(-1).expand(-1, -1, d))
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
-        x = self.decoder_norm(self.decoder_blocks(x))
+        return torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+
+    def forward_decoder(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_norm(self.decoder_blocks(self.decoder_input(latent, restore)))
         return self.decoder_pred(x[:, 1:])
+
+    def masked_loss(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The loss of :meth:`reconstruct` for less work: the loss reads the masked patches only, so the last
+        decoder block's queries and MLP, the decoder norm and the prediction run on those (keys and values on
+        every token), and the per-patch error is averaged over them directly."""
+        keep, mask, restore = random_masking(noise.to(imgs.device), self.mask_ratio)
+        x = self.decoder_input(self.forward_encoder(imgs, keep), restore)
+        *blocks, last = self.decoder_blocks
+        for blk in blocks:
+            x = blk(x)
+        masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], 1).bool()
+        pred = self.decoder_pred(self.decoder_norm(last_block_at(last, x, masked)))
+        target = patchify(imgs, self.p)[mask.bool()]
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        return ((pred - target) ** 2).mean()
 
     def reconstruct(self, imgs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs: normalised (B, C, H, W); noise (B, N) orders the patches. Returns loss, prediction
@@ -112,5 +141,4 @@ class MAE(Method):
     def forward(self, batch: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         """One training step's forward. batch: uint8 (B, C, H, W); the augmentation belongs to the method."""
         x = normalize(random_resized_crop(batch.float(), self.crop_scale, ctx))
-        loss, _, _ = self.reconstruct(x, ctx.rand(self.grid**2))
-        return loss, {}
+        return self.masked_loss(x, ctx.rand(self.grid**2)), {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def load_state(out_dir: Path, run_id: str, fingerprint: str, log=print) -> dict[
                 raise ValueError("missing or digest mismatch")
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            log(f"[pretrain] {path}: corrupt checkpoint at step {meta.get('step')} ({type(e).__name__}: {e}); "
+            log(f"[pretrain] {path}: corrupt checkpoint at step {meta.get('step')} ({_reason(e)}); "
                 "trying the previous checkpoint")
             bad += 1
             continue
@@ -90,6 +91,16 @@ def load_state(out_dir: Path, run_id: str, fingerprint: str, log=print) -> dict[
     if bad:
         log("[pretrain] no readable checkpoint left; restarting from scratch")
     return None
+
+
+def _reason(e: Exception) -> str:
+    """Why a state was not loaded, in one line. torch's refusal of a pickle that is more than tensors (its message
+    suggests ``weights_only=False``, which would run the pickle's code) becomes a plain refusal."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        first = next((line.strip()[:120] for line in str(e).splitlines() if "unsupported" in line.lower()), "")
+        return ("UnpicklingError: not a plain state of tensors and containers, refused by torch.load(weights_only="
+                f"True), as unpickling anything else can run code{f' ({first})' if first else ''}")
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def clear_states(out_dir: Path) -> None:

@@ -18,7 +18,7 @@ from biovfm.methods.base import Method, StepContext
 from biovfm.methods.dino.head import DINOHead
 from biovfm.methods.dino.loss import (centered_teacher_probs, cross_view_entropy, entropy, koleo,
                                       masked_patch_entropy, sinkhorn_knopp)
-from biovfm.models.vit import forward_tokens, sincos_pos_embed
+from biovfm.models.vit import forward_selected, sincos_pos_embed
 from biovfm.train.augment import color_jitter, gaussian_blur, normalize, random_grayscale, random_resized_crop
 from biovfm.train.distributed import all_reduce_sum
 
@@ -128,16 +128,18 @@ class DINO(Method):
         masks = self.ibot_masks(ctx).to(batch.device) if self.ibot else None
         temp = teacher_temperature(ctx.progress, self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup_frac)
 
+        # Only the tokens the losses read leave the encoders: the CLS tokens, and iBOT's masked patches of the global
+        # crops (forward_selected: the last block skips the rest, same values as forward_tokens at those positions)
         with torch.no_grad():
-            t_tokens = forward_tokens(self.teacher_encoder, g)
-            t_logits = self.teacher_head(t_tokens[:, 0]).float()
+            t_cls, t_patch_tokens = forward_selected(self.teacher_encoder, g, masks)
+            t_logits = self.teacher_head(t_cls).float()
             t_probs = self._teacher_targets(t_logits, self.center, temp)
             ctx.scratch.setdefault("cls_sums", []).append(_sum_and_count(t_logits))
 
-        s_global = forward_tokens(self.encoder, g, mask=masks, mask_token=self.mask_token)
-        s_cls = [s_global[:, 0]]
+        s_global_cls, s_patch_tokens = forward_selected(self.encoder, g, masks, mask=masks, mask_token=self.mask_token)
+        s_cls = [s_global_cls]
         if len(loc):
-            s_cls.append(forward_tokens(self.encoder, loc, pos=self.local_pos)[:, 0])
+            s_cls.append(forward_selected(self.encoder, loc, pos=self.local_pos)[0])
         s_logits = self.head(torch.cat(s_cls)).float().view(N_GLOBAL + self.n_local, n, -1)
         dino = cross_view_entropy(s_logits, t_probs.view(N_GLOBAL, n, -1), self.student_temp)
         loss = dino
@@ -145,17 +147,17 @@ class DINO(Method):
         logs = {"dino_loss": dino.item(), "teacher_entropy": t_ent.item(), "kl": (dino - t_ent).item(),
                 "teacher_batch_entropy": entropy(t_probs.mean(0, keepdim=True)).item(), "teacher_temp": temp}
         if self.koleo_weight > 0:
-            reg = sum(koleo(c) for c in s_global[:, 0].chunk(N_GLOBAL)) / N_GLOBAL
+            reg = sum(koleo(c) for c in s_global_cls.chunk(N_GLOBAL)) / N_GLOBAL
             loss = loss + self.koleo_weight * reg
             logs["koleo"] = reg.item()
         if self.ibot:
             flat = masks.flatten()
             sample = torch.arange(N_GLOBAL * n, device=flat.device).repeat_interleave(self.grid**2)[flat]
             with torch.no_grad():
-                t_patch = self.teacher_head(t_tokens[:, 1:].reshape(-1, t_tokens.shape[-1])[flat]).float()
+                t_patch = self.teacher_head(t_patch_tokens).float()
                 t_patch_probs = self._teacher_targets(t_patch, self.patch_center, temp)
                 ctx.scratch.setdefault("patch_sums", []).append(_sum_and_count(t_patch))
-            s_patch = self.head(s_global[:, 1:].reshape(-1, s_global.shape[-1])[flat])
+            s_patch = self.head(s_patch_tokens)
             ib = masked_patch_entropy(s_patch, t_patch_probs, sample, N_GLOBAL * n, self.student_temp)
             loss = loss + self.ibot_weight * ib
             logs["ibot_loss"] = ib.item()
