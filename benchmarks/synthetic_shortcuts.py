@@ -11,7 +11,7 @@ either favours raw pixels. On real MedMNIST a small MAE encoder beats raw pixels
 * ``pool4``: the probe on the 4 x 4 block-mean image (16 features per channel): coarse layout and brightness only;
 * ``mean``: the probe on the per-channel image means (1 or 3 features): the global shortcut that is linear in the
   pixels, so open to the raw probe;
-* ``stats``: per-channel mean, std, 5/25/50/75/95th percentiles and a 8-bin intensity histogram (no spatial
+* ``stats``: per-channel mean, std, 5/25/50/75/95th percentiles and an 8-bin intensity histogram (no spatial
   information; includes non-linear statistics that an encoder can read but a raw linear probe cannot);
 * ``bag``: a position-free bag of local patches (4 x 4 patches at stride 2, a fixed random affine map to 256 units,
   ReLU, mean over patches), a crude stand-in for what mean-pooled patch tokens can see;

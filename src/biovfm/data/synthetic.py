@@ -18,8 +18,8 @@ Why it looks the way it does (see ``shared/reference/synthetic-pilot.md``):
   - *findings, lesions, cells anywhere.* Lesions, nodules, cysts, consolidations and cells sit at random places;
     the dermoscopy lesion, the leukocyte and the kidney-cell group are framed off-centre with a per-image
     magnification; OCT findings and the retina itself move laterally and in depth; chest films vary in pose
-    (shift, rotation, scale) around the registered anatomy; organ crops are jittered about the organ. A 4 x 4-pixel
-    block of the object-centred tasks no longer predicts the class (tests/test_synthetic.py);
+    (shift, rotation, scale) around the registered anatomy; organ crops are jittered about the organ. The best fixed
+    4 x 4-pixel block of the object-centred tasks keeps about a third of its class signal (tests/test_synthetic.py);
   - *effects stay local.* Posterior shadowing/enhancement in breast ultrasound fades within a few lesion heights
     instead of darkening a column to the bottom of the image, which the raw probe read as regional brightness;
     normal paediatric films carry smooth look-alike opacities, pneumonia patchy, mottled ones with air bronchograms;
