@@ -16,9 +16,9 @@ ARM), ATen dispatching to AVX-512 code (``torch.backends.cpu.get_cpu_capability(
 below oneDNN's bf16 instructions. Elsewhere bf16 matmuls are emulated, slower than fp32 (an AVX2-only CPU took
 more than 10 minutes for the bf16 peak alone), so the script skips bf16 and says why in one line.
 
-A shared machine: every training and feature row is measured as ``--steps`` interleaved pairs (one fp32 matmul-peak
-sample, one step), and its MFU is the median over the pairs of (achieved / the peak sample next to it), so a
-neighbour's load hits both sides of each ratio. The img/s shown is the median.
+A shared machine: every training and feature row is measured as ``--steps`` interleaved pairs (one matmul-peak
+sample of the row's precision, one step), and its MFU is the median over the pairs of (achieved / the peak sample
+next to it), so a neighbour's load hits both sides of each ratio. The img/s shown is the median.
 
 How to read it: GFLOP/img comes from torch's FlopCounterMode (matmul, conv and SDPA only; forward+backward and the
 DINO teacher forward for training rows; what the step executes, so work a method skips is not counted).

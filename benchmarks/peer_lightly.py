@@ -1,8 +1,8 @@
 """Our MAE and DINO training steps against the ``lightly`` package's, on the same timm ViT.
 
     python benchmarks/peer_lightly.py [--methods mae dino] [--models tiny small] [--sizes 28 64] [--pairs 5]
-        [--threads 1] [--batch-mae 128] [--batch-dino 32] [--curve-steps 10] [--curve-batch 16] [--curve-tol 1e-3]
-        [--params params.yaml]
+        [--threads 1] [--batch-mae 128] [--batch-dino 32] [--curve-steps 10] [--curve-batch 16]
+        [--curve-tol-mae 1e-5] [--curve-tol-dino 5e-3] [--params params.yaml]
 
 lightly is a benchmark-only peer, never a dependency of the project. On first run the script makes a venv under
 ``~/.cache/biovfm/peer-lightly`` (``BIOVFM_PEER_VENV`` overrides it) that sees the project venv's packages (a
@@ -24,10 +24,16 @@ parameter groups and hyper-parameters, and the sizes of params ``methods.mae`` /
   without augmentation, ours with it. Local crops see the positions of their grid over the whole image on both
   sides (lightly: a twin ViT sharing every weight but the fixed position embedding).
 
-Throughput: ``--pairs`` interleaved (ours, lightly) runs of ``--steps`` timed steps each after warm-up, the
-images/s ratio per pair, and the median ratio. Loss curve: both sides trained ``--curve-steps`` steps from the same
+Throughput: ``--pairs`` interleaved (ours, lightly) runs of ``--steps`` timed steps each after warm-up (which side
+goes first alternates), the images/s ratio per pair, and the median ratio; by the wall clock and by the process's
+CPU time (``cpu`` columns: images per CPU-second, the robust measure on a machine shared with other jobs, where the
+wall clock also counts the time the scheduler gives to others). Loss curve: both sides trained ``--curve-steps`` steps from the same
 weights on the same images, crops and masks, with the engine's lr and weight-decay schedules; the check is the
-largest relative difference of the per-step losses, against ``--curve-tol``.
+largest relative difference of the per-step losses, against ``--curve-tol-<method>``. MAE agrees to about 1e-6.
+DINO agrees to about 1e-6 until a step where two crops' CLS tokens nearly coincide: KoLeo then differs by where
+its epsilon sits (ours -log(|x - y| + eps), lightly's and DINOv2's -log(|x - y + eps| + eps)), and the curves move
+apart by up to ~1.5e-3 within 10 steps on some images; with lightly's KoLeo formula swapped into ours they agree
+to 1e-6 again. Hence DINO's looser default tolerance.
 """
 from __future__ import annotations
 
@@ -303,28 +309,34 @@ def images(n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def timed(side, batch: torch.Tensor, seeds: list[int], total: int) -> float:
-    """Images/s of ``side.step`` over the given step seeds (inputs prepared before the clock starts)."""
+def timed(side, batch: torch.Tensor, seeds: list[int], total: int) -> tuple[float, float]:
+    """Images/s of ``side.step`` over the given step seeds (inputs prepared before the clocks start), by the wall
+    clock and by the process's CPU time."""
     inputs = [side.prepare(batch, s, s, total) for s in seeds]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x in inputs:
         side.step(x)
-    return len(seeds) * len(batch) / (time.perf_counter() - t0)
+    n = len(seeds) * len(batch)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def throughput(ours: Ours, peer, batch: torch.Tensor, pairs: int, steps: int) -> tuple[float, float, float]:
+def throughput(ours: Ours, peer, batch: torch.Tensor, pairs: int, steps: int) -> dict[str, float]:
+    """Medians over interleaved (ours, lightly) runs, alternating which side goes first: img/s by wall clock and
+    by CPU time per side, and the per-pair ratios."""
     total = 10_000
     for side in (ours, peer):  # warm-up: allocator, oneDNN primitives, optimizer state
         timed(side, batch, [0, 1], total)
-    r_ours, r_peer, ratios = [], [], []
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "peer": []}
     seed = 2
     for i in range(pairs):
-        order = [(ours, r_ours), (peer, r_peer)] if i % 2 == 0 else [(peer, r_peer), (ours, r_ours)]
-        for side, out in order:
-            out.append(timed(side, batch, list(range(seed, seed + steps)), total))
+        order = [("ours", ours), ("peer", peer)] if i % 2 == 0 else [("peer", peer), ("ours", ours)]
+        for key, side in order:
+            runs[key].append(timed(side, batch, list(range(seed, seed + steps)), total))
         seed += steps
-        ratios.append(r_ours[-1] / r_peer[-1])
-    return statistics.median(r_ours), statistics.median(r_peer), statistics.median(ratios)
+    med = statistics.median
+    (w_o, c_o), (w_p, c_p) = zip(*runs["ours"]), zip(*runs["peer"])
+    return {"ours": med(w_o), "peer": med(w_p), "ratio": med(a / b for a, b in zip(w_o, w_p)),
+            "ours_cpu": med(c_o), "peer_cpu": med(c_p), "ratio_cpu": med(a / b for a, b in zip(c_o, c_p))}
 
 
 def loss_curves(p: dict, method: str, model: str, size: int, batch: torch.Tensor, steps: int) -> tuple[list, list]:
@@ -352,7 +364,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="timed steps per run")
     ap.add_argument("--curve-steps", type=int, default=10)
     ap.add_argument("--curve-batch", type=int, default=16)
-    ap.add_argument("--curve-tol", type=float, default=1e-3, help="largest relative loss difference accepted")
+    ap.add_argument("--curve-tol-mae", type=float, default=1e-5, help="largest relative loss difference accepted")
+    ap.add_argument("--curve-tol-dino", type=float, default=5e-3)
     a = ap.parse_args()
     p = load_params(a.params)
     threads = a.threads or p["pretrain"]["threads"]
@@ -361,8 +374,9 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, timm {__import__('timm').__version__}, lightly {lightly.__version__}, "
           f"{threads} thread(s), fp32, {a.pairs} interleaved pairs x {a.steps} step(s), loss curve {a.curve_steps} "
-          f"steps at batch {a.curve_batch} (tolerance {a.curve_tol:g} relative)", flush=True)
-    head = f"{'method':<7}{'model':<7}{'px':>4}{'batch':>6}{'ours img/s':>12}{'lightly img/s':>15}{'ratio':>7}  loss curve"
+          f"steps at batch {a.curve_batch} (relative tolerance: mae {a.curve_tol_mae:g}, dino {a.curve_tol_dino:g})", flush=True)
+    head = (f"{'method':<7}{'model':<7}{'px':>4}{'batch':>6}{'ours img/s':>12}{'lightly img/s':>15}{'ratio':>7}"
+            f"{'ours cpu':>10}{'lightly cpu':>13}{'ratio cpu':>10}  loss curve")
     rows = [head]
     print(head, flush=True)
     for method in a.methods:
@@ -371,12 +385,14 @@ def main() -> None:
             for size in a.sizes:
                 data = images(max(bs, a.curve_batch), size)
                 ours, peer, _, spec = build_pair(p, method, model, size)
-                r_o, r_p, ratio = throughput(ours, peer, data[:bs], a.pairs, a.steps)
+                r = throughput(ours, peer, data[:bs], a.pairs, a.steps)
                 del ours, peer
                 lo, ll = loss_curves(p, method, model, size, data[:a.curve_batch], a.curve_steps)
                 rel = max(abs(x - y) / abs(y) for x, y in zip(lo, ll))
-                check = f"{'ok' if rel <= a.curve_tol else 'DIFF'} max rel {rel:.1e} ({lo[0]:.4f}->{lo[-1]:.4f} vs {ll[0]:.4f}->{ll[-1]:.4f})"
-                row = f"{method:<7}{model:<7}{size:>4}{bs:>6}{r_o:>12.1f}{r_p:>15.1f}{ratio:>7.2f}  {check}"
+                tol = a.curve_tol_mae if method == "mae" else a.curve_tol_dino
+                check = f"{'ok' if rel <= tol else 'DIFF'} max rel {rel:.1e} ({lo[0]:.4f}->{lo[-1]:.4f} vs {ll[0]:.4f}->{ll[-1]:.4f})"
+                row = (f"{method:<7}{model:<7}{size:>4}{bs:>6}{r['ours']:>12.1f}{r['peer']:>15.1f}{r['ratio']:>7.2f}"
+                       f"{r['ours_cpu']:>10.1f}{r['peer_cpu']:>13.1f}{r['ratio_cpu']:>10.2f}  {check}")
                 rows.append(row)
                 print(row, flush=True)
                 if os.environ.get("PEER_CURVES"):

@@ -140,3 +140,26 @@ def test_frozen_last_layer_gets_no_update_early():
     loss.backward()
     dino.before_optimizer_step(StepContext.single(0, 4, step=1, total_steps=10))
     assert dino.head.last.grad is None and dino.head.mlp[0].weight.grad is not None
+
+
+def test_training_is_deterministic_with_the_engine_optimizer():
+    """Same seed, same losses and weights after a few steps (fused AdamW, CLS/masked-only last block)."""
+    from biovfm.train.optim import param_groups
+
+    def run() -> tuple[list[float], torch.Tensor]:
+        dino = small_dino(ibot=True, koleo_weight=0.1)
+        opt = torch.optim.AdamW(param_groups(dino, 0.04), lr=1e-3)
+        batch = (torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+        losses = []
+        for step in range(3):
+            ctx = StepContext.single(step, 8, step=step, total_steps=3)
+            loss, _ = dino(batch, ctx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dino.on_step_end(ctx)
+            losses.append(loss.item())
+        return losses, dino.teacher_encoder.blocks[-1].mlp.fc2.weight.detach().clone()
+
+    (l1, w1), (l2, w2) = run(), run()
+    assert l1 == l2 and torch.equal(w1, w2)

@@ -108,3 +108,52 @@ def test_sincos_extent_places_a_coarse_grid_inside_the_full_one():
     y, x = 2.5, 0.5  # cell (1, 0) of the coarse grid
     expect = torch.cat([torch.sin(y * omega), torch.cos(y * omega), torch.sin(x * omega), torch.cos(x * omega)]).float()
     assert torch.allclose(coarse[2], expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_training_loss_equals_reconstruct_on_the_same_draws(norm_pix):
+    """forward's loss skips the visible patches past the last decoder block's keys and values: same loss, same grads."""
+    torch.manual_seed(0)
+    mae = MAE(build_encoder(SPEC, 16), 16, 3, decoder_dim=16, decoder_depth=2, decoder_heads=2, norm_pix_loss=norm_pix)
+    x, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    full, _, _ = mae.reconstruct(x, noise)
+    fast = mae.masked_loss(x, noise)
+    assert fast.item() == pytest.approx(full.item(), rel=1e-6)
+    params = [p for p in mae.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(full, params), torch.autograd.grad(fast, params)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_encoder_embeds_only_the_kept_patches_as_the_patch_convolution_would():
+    torch.manual_seed(0)
+    mae = MAE(build_encoder(SPEC, 16), 16, 3, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    x = torch.randn(3, 3, 16, 16)
+    keep, _, _ = random_masking(torch.rand(3, 16), 0.75)
+    enc = mae.encoder
+    tokens = (enc.patch_embed(x) + enc.pos_embed[:, 1:]).gather(1, keep.unsqueeze(-1).expand(-1, -1, 32))
+    tokens = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(3, -1, -1), tokens], 1)
+    assert torch.allclose(mae.forward_encoder(x, keep), enc.norm(enc.blocks(tokens)), atol=1e-5)
+
+
+def test_forward_selected_gives_forward_tokens_at_the_selected_positions():
+    from biovfm.models.vit import forward_selected
+
+    torch.manual_seed(0)
+    enc = build_encoder(SPEC, 16)
+    x = torch.randn(5, 3, 16, 16)
+    select = torch.rand(5, 16) < 0.3
+    select[1] = False  # an image with the CLS token alone
+    token = torch.nn.Parameter(torch.randn(1, 1, 32))
+    full = forward_tokens(enc, x, mask=select, mask_token=token)
+    cls, patches = forward_selected(enc, x, select, mask=select, mask_token=token)
+    assert cls.shape == (5, 32) and patches.shape == (int(select.sum()), 32)
+    assert torch.allclose(cls, full[:, 0], atol=1e-5) and torch.allclose(patches, full[:, 1:][select], atol=1e-5)
+    params = [p for p in enc.parameters() if p.requires_grad] + [token]
+    g_full = torch.autograd.grad(full[:, 0].square().sum() + full[:, 1:][select].sin().sum(), params)
+    g_sel = torch.autograd.grad(cls.square().sum() + patches.sin().sum(), params)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_sel))
+    small_pos = sincos_pos_embed(32, 2, extent=4)
+    crops = torch.randn(2, 3, 8, 8)
+    only_cls, none = forward_selected(enc, crops, pos=small_pos)
+    assert none.shape == (0, 32)
+    assert torch.allclose(only_cls, forward_tokens(enc, crops, pos=small_pos)[:, 0], atol=1e-5)
