@@ -73,6 +73,9 @@ def copy_study(study: Path, dest: Path) -> Path:
     return dest
 
 
+SESSION_FIXTURE_SECONDS: dict[str, float] = {}  # set up once, in the setup of the first test that uses them
+
+
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> Path:
     """The small study (:func:`small_study_params`) trained, evaluated and aggregated once through the real Snakemake
@@ -84,11 +87,19 @@ def small_study(tmp_path_factory) -> Path:
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `biovfm` entry point of this venv
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none",
-                           "--directory", str(work), "--cores", "2"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none",
+           "--directory", str(work), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"the small study failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    print(f"[small_study] the small study through Snakemake in {time.perf_counter() - t0:.0f}s")
+    SESSION_FIXTURE_SECONDS["small_study"] = time.perf_counter() - t0
     (work / "snakemake.log").write_text(proc.stdout + proc.stderr)
     return work
+
+
+@pytest.hookimpl(trylast=True)  # after the slowest-durations list
+def pytest_terminal_summary(terminalreporter) -> None:
+    """A session fixture runs in the setup of the first test that uses it: say how much of that setup it was."""
+    for name, seconds in SESSION_FIXTURE_SECONDS.items():
+        terminalreporter.write_line(f"{seconds:.2f}s session fixture {name} (part of the setup time above of the "
+                                    "first test that uses it)")

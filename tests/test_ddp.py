@@ -14,7 +14,7 @@ from biovfm.config import pretrain_job, to_json
 from biovfm.train.distributed import torchrun_command
 
 
-def run_pretrain(job, corpus, out, nproc, spy_log=None):
+def start_pretrain(job, corpus, out, nproc, spy_log=None) -> subprocess.Popen:
     """``biovfm pretrain`` as one process, or as a torchrun world whose collectives ``tests/ddp_spy.py`` records."""
     args = ["pretrain", "--job", to_json(job), "--corpus", str(corpus), "--out", str(out), "--processes", str(nproc),
             "--threads", "1"]
@@ -22,9 +22,14 @@ def run_pretrain(job, corpus, out, nproc, spy_log=None):
         cmd = [sys.executable, "-m", "biovfm.cli", *args]
     else:
         cmd = [*torchrun_command(nproc, [])[:-2], str(Path(__file__).parent / "ddp_spy.py"), str(spy_log), "--", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The stdout of a pretraining run that must succeed."""
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def test_torchrun_command_is_an_argument_list():
@@ -41,8 +46,11 @@ def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, metho
                   train=replace(job.train, steps=8, batch_size=16, checkpoint_every=4, log_every=4))
     if method == "dino":  # KoLeo looks for neighbours within each process's share of the batch (as DINOv2 does)
         job = replace(job, method_cfg={**job.method_cfg, "koleo_weight": 0.0})
-    run_pretrain(job, corpus_dir, tmp_path / "one", 1)
-    two = run_pretrain(job, corpus_dir, tmp_path / "two", 2, spy_log=tmp_path / "collectives.jsonl")
+    # the two runs side by side (independent folders; each deterministic): mostly process start-up on CPUs
+    one = start_pretrain(job, corpus_dir, tmp_path / "one", 1)
+    two = start_pretrain(job, corpus_dir, tmp_path / "two", 2, spy_log=tmp_path / "collectives.jsonl")
+    finish(one)
+    two_stdout = finish(two)
     # every collective got a tensor on the device the engine trains on (NCCL takes CUDA tensors only)
     calls = [json.loads(line) for line in (tmp_path / "collectives.jsonl").read_text().splitlines()]
     assert {c["rank"] for c in calls} == {0, 1} and sum(c["op"] == "all_reduce" for c in calls) >= 2 * 8
@@ -54,7 +62,7 @@ def test_two_processes_match_one(params, corpus_dir, mlflow_uri, tmp_path, metho
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], atol=1e-4, err_msg=k)
     assert '"world_size": 2' in (tmp_path / "two" / "run.json").read_text()
-    assert two.stdout.count("step 8/8") == 1  # one process reports
+    assert two_stdout.count("step 8/8") == 1  # one process reports
 
 
 def test_a_gpu_world_reduces_cuda_and_cpu_tensors(monkeypatch):

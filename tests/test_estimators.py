@@ -274,3 +274,6 @@ def test_below_majority_flags_only_accuracies_whose_interval_is_under_the_majori
     summary = pd.DataFrame({"task": ["breastmnist"], "majority_acc": [0.73]})
     got = below_majority(summary, {"logreg_10pct": pts})
     assert got["model"].tolist() == ["c"] and got["label_fraction"].tolist() == [0.1]
+    no_binary = _points([r | {"task": "pathmnist"} for r in rows], np.zeros((3, 5)))  # a study without a binary task
+    summary = pd.DataFrame({"task": ["pathmnist"], "majority_acc": ["0.2"]})  # as read back from a CSV of strings
+    assert below_majority(summary, {"logreg": no_binary}).empty

@@ -1,6 +1,7 @@
 """The SLURM profile against a real single-node SLURM (tests/cluster/slurm_ci.sh): the small study's whole DAG as
-sbatch jobs, a 2-process torchrun pretraining job, ``srun -n 2`` tasks as one DDP world, and a GPU request on a
-cluster without GPUs failing at submission with SLURM's own message.
+sbatch jobs (one pretraining job preempted by `scontrol requeue` mid-run, resumed under the same job id), a
+2-process torchrun pretraining job, ``srun -n 2`` tasks as one DDP world, and a GPU request on a cluster without GPUs
+failing at submission with SLURM's own message.
 
 Needs root and slurm-wlm + munge (apt-get install -y slurm-wlm munge); skipped without them, except under CI=true,
 where a missing SLURM is a failure. The cluster uses ports 6817/6818 on 127.0.0.1 and links /etc/slurm/slurm.conf
@@ -67,15 +68,62 @@ def slurm(tmp_path_factory):
         shutil.rmtree(state, ignore_errors=True)
 
 
-def snakemake_slurm(workdir: Path, *args: str, timeout_s: int = DAG_TIMEOUT_S) -> tuple[subprocess.CompletedProcess, float]:
+def slurm_snakemake_cmd(workdir: Path, *args: str, timeout_s: int = DAG_TIMEOUT_S) -> list[str]:
     # timeout -k: while it waits on jobs Snakemake ignores SIGTERM
-    cmd = ["timeout", "-k", "10", str(timeout_s), sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "--directory", str(workdir), "--executor", "slurm", "--profile", str(PROFILE),
-           "--slurm-status-command", "squeue",  # no accounting database (sacct) on the test cluster
-           "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5", "--jobs", "4", *args]
+    return ["timeout", "-k", "10", str(timeout_s), sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+            "--directory", str(workdir), "--executor", "slurm", "--profile", str(PROFILE),
+            "--slurm-status-command", "squeue",  # no accounting database (sacct) on the test cluster
+            "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5", "--jobs", "4", *args]
+
+
+def snakemake_slurm(workdir: Path, *args: str, timeout_s: int = DAG_TIMEOUT_S) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=_env(), timeout=timeout_s + 30)
+    proc = subprocess.run(slurm_snakemake_cmd(workdir, *args, timeout_s=timeout_s), cwd=workdir, capture_output=True,
+                          text=True, env=_env(), timeout=timeout_s + 30)
     return proc, time.monotonic() - t0
+
+
+def _squeue_state(job_id: str) -> list[str]:
+    """[state, reason] of a job, as squeue shows it ([] once SLURM has forgotten it)."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True,
+                          env=_env()).stdout.split()
+
+
+def requeue_after_first_checkpoint(run_dir: Path, slurm_logs: Path, proc: subprocess.Popen,
+                                   timeout_s: float = 300) -> dict:
+    """Preemption, while the DAG runs: once the pretraining job of ``run_dir`` has written its first checkpoint,
+    `scontrol requeue` it (SLURM kills it and queues it again under the same job id), then let it start again at
+    once. Returns the job id and timings, or ``error``: what went wrong (the requeue test reports it)."""
+    t0 = time.monotonic()
+    while not list(run_dir.glob("state-*.json")):  # a checkpoint counts once its sidecar is written
+        if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+            return {"error": f"no checkpoint appeared in {run_dir} while the job ran"}
+        time.sleep(0.05)
+    logs = sorted(slurm_logs.glob("*.log"))  # <jobid>.log, opened by SLURM when the job starts
+    if len(logs) != 1:
+        return {"error": f"expected the SLURM log of one running job in {slurm_logs}, found {logs}"}
+    job_id = logs[0].stem
+    if _squeue_state(job_id)[:1] != ["RUNNING"]:
+        return {"error": f"job {job_id} is {_squeue_state(job_id)} at its first checkpoint, not running: raise steps"}
+    t_requeue = time.monotonic()
+    req = subprocess.run(["scontrol", "requeue", job_id], env=_env(), capture_output=True, text=True)
+    if req.returncode:
+        return {"error": f"scontrol requeue {job_id}: {req.stderr.strip()}"}
+    # SLURM holds a requeued job for its credential lifetime (BeginTime = now + 121 s) once it has left
+    # COMPLETING; an update before that is overwritten. Let it start again at once.
+    while time.monotonic() - t_requeue < 60:
+        st = _squeue_state(job_id)
+        if st[:2] == ["PENDING", "BeginTime"]:
+            upd = subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=_env(),
+                                 capture_output=True, text=True)
+            if upd.returncode:
+                print(f"[test_slurm] scontrol update: {upd.stderr.strip()}")
+        elif st[:1] == ["RUNNING"] or st[:1] and st[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        time.sleep(0.1)
+    print(f"[test_slurm] job {job_id} requeued {t_requeue - t0:.0f} s after the DAG started, "
+          f"{' '.join(_squeue_state(job_id)).lower()} again {time.monotonic() - t_requeue:.1f} s later")
+    return {"job_id": job_id}
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
@@ -84,25 +132,42 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def study(slurm, tmp_path_factory):
-    """The small config's whole DAG through the SLURM profile; DINO pretraining as 2 processes per job."""
+    """The small config's whole DAG through the SLURM profile; DINO pretraining as 2 processes per job. While it runs,
+    the MAE pretraining job is preempted (requeued) after its first checkpoint (test_a_requeued_...)."""
     workdir = tmp_path_factory.mktemp("study")
     p = yaml.safe_load(TINY_PARAMS.read_text())
     p["methods"]["dino"]["pretrain"]["nproc"] = 2
-    # every rule, fewer jobs (each SLURM job costs ~10 s of Snakemake start-up and polling on top of its work)
-    p["data"]["tasks"] = ["pathmnist", "chestmnist", "breastmnist", "bloodmnist"]
-    p["grid"]["data_sizes"] = [60]
+    # a few seconds of MAE training, caught mid-run after its first checkpoint (step 20)
+    p["methods"]["mae"]["pretrain"] = {"steps": 400, "checkpoint_every": 20, "log_every": 40}
+    # every rule, as few jobs as that takes (each SLURM job costs ~10 s of Snakemake start-up and polling on top of
+    # its work): 2 tasks, one model and data size, both methods -> 13 sbatch jobs. (A binary task among them: the
+    # aggregate step's below-majority table fails without one.)
+    p["data"]["tasks"] = ["pathmnist", "breastmnist"]
+    p["grid"] |= {"models": ["femto"], "data_sizes": [60]}
     p["cluster"] = {"cpu_jobs": {"mem_mb": 500, "runtime": 15},
                     "pretrain": {"default": {"gpus": 0, "mem_mb": 1000, "runtime": 15}},
                     "evaluate": {"default": {"gpus": 0, "mem_mb": 1000, "runtime": 15}}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
-    proc, elapsed = snakemake_slurm(workdir)
-    print(f"[test_slurm] the small study's DAG through SLURM: {elapsed:.0f} s")
+    t0 = time.monotonic()
+    cmd = slurm_snakemake_cmd(workdir)
+    popen = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        # stdout/stderr are read only at the end: Snakemake writes its log to stderr, well under a pipe's buffer
+        requeue = requeue_after_first_checkpoint(workdir / "results/runs/mae/femto/all/n60/s0",
+                                                 workdir / "results/logs/slurm/rule_pretrain/mae_femto_all_60_0", popen)
+        out, err = popen.communicate(timeout=DAG_TIMEOUT_S + 30)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate()
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    print(f"[test_slurm] the small study's DAG through SLURM: {time.monotonic() - t0:.0f} s")
     assert proc.returncode == 0, _tail(proc)
-    return workdir, p, proc
+    return workdir, p, proc, requeue
 
 
 def test_the_whole_dag_runs_as_slurm_jobs(study):
-    workdir, p, proc = study
+    workdir, p, proc, _ = study
     res = workdir / "results"
     n_tasks = len(p["data"]["tasks"])
     n_pre = len(p["grid"]["methods"]) * len(p["grid"]["models"]) * len(p["grid"]["data_sizes"])
@@ -143,11 +208,32 @@ def test_the_whole_dag_runs_as_slurm_jobs(study):
     assert dino_logs and all("--processes 2" in log.read_text() for log in dino_logs)
 
 
+def test_a_requeued_pretraining_job_resumes_from_its_checkpoint(study):
+    """Preemption: `scontrol requeue` killed the running MAE pretraining job of the DAG after a checkpoint; SLURM ran it
+    again under the same job id (the profile submits with --requeue) and it resumed from the checkpoint, while the
+    Snakemake that submitted it kept waiting and completed the study (the ``study`` fixture)."""
+    workdir, p, proc, requeue = study
+    assert "error" not in requeue, requeue["error"]
+    job_id = requeue["job_id"]
+    log = (workdir / "results/logs/pretrain/mae_femto_all_n60_s0.log").read_text()
+    assert re.search(r"resuming from step [1-9]\d*", log), log[-3000:]
+    steps = p["methods"]["mae"]["pretrain"]["steps"]
+    assert json.loads((workdir / "results/runs/mae/femto/all/n60/s0/run.json").read_text())["train_steps"] == steps
+    # the requeued job kept its SLURM job id and log: one job, not a resubmission by Snakemake
+    slurm_logs = sorted((workdir / "results/logs/slurm/rule_pretrain/mae_femto_all_60_0").glob("*.log"))
+    assert [f.name for f in slurm_logs] == [f"{job_id}.log"], slurm_logs
+    assert f"SLURM jobid {job_id} " in proc.stderr + proc.stdout
+    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=_env()).stdout
+    assert "JobState=COMPLETED" in state and re.search(r"Restarts=[1-9]", state), state
+
+
 def test_srun_tasks_form_one_ddp_world(study):
     """`srun -n 2 biovfm pretrain` without torchrun: the two tasks join one gloo world via SLURM's variables."""
     from biovfm.config import pretrain_job, to_json, validate_params
 
-    workdir, p, _ = study
+    workdir, p, _, _ = study
+    p = json.loads(json.dumps(p))
+    del p["methods"]["mae"]["pretrain"]  # the small config's 12 steps, not the requeue scenario's 400
     job = pretrain_job(validate_params(p), "mae", "femto", "all", 60, 0)
     out = workdir / "srun_run"
     cmd = ["timeout", "-k", "5", "120", "srun", "-n", "2", "-c", "1", "--mem=1000", sys.executable, "-m", "biovfm.cli",
@@ -160,7 +246,7 @@ def test_srun_tasks_form_one_ddp_world(study):
 
 
 def test_a_gpu_request_on_a_cluster_without_gpus_fails_at_submission(study):
-    workdir, p, _ = study
+    workdir, p, _, _ = study
     p = json.loads(json.dumps(p))
     p["cluster"]["pretrain"]["default"]["gpus"] = 1  # the params key -> sbatch --gpus=1; this cluster has no GRES
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))
@@ -171,51 +257,3 @@ def test_a_gpu_request_on_a_cluster_without_gpus_fails_at_submission(study):
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
     assert re.search(r"Invalid generic resource|Requested node configuration is not available", out), _tail(proc)
     assert "--gpus=1" in out  # the request came from params' cluster.pretrain
-
-
-def test_a_requeued_pretraining_job_resumes_from_its_checkpoint(study):
-    """Preemption: `scontrol requeue` kills a running pretraining job after a checkpoint; SLURM runs it again under
-    the same job id (the profile submits with --requeue) and it resumes from the checkpoint, while the Snakemake that
-    submitted it keeps waiting and completes."""
-    workdir, p, _ = study
-    p = json.loads(json.dumps(p))
-    p["pretrain"].update(steps=400, checkpoint_every=40, log_every=40)  # long enough to be caught mid-run
-    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
-    run_dir = workdir / "results/runs/mae/femto/all/n60/s0"
-    cmd = ["timeout", "-k", "10", "400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "--directory", str(workdir), "--executor", "slurm", "--profile", str(PROFILE),
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "5",
-           "--retries", "0", "--force", "results/runs/mae/femto/all/n60/s0/checkpoint.safetensors"]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    try:
-        deadline = time.monotonic() + 240
-        while not list(run_dir.glob("state-*.pt")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        if not list(run_dir.glob("state-*.pt")):
-            proc.kill()
-            pytest.fail(f"no checkpoint appeared while the job ran:\n{proc.communicate()[0][-6000:]}")
-        running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True,
-                                 env=_env(), check=True).stdout.split()
-        assert len(running) == 1, running
-        job_id = running[0]
-        t_requeue = time.monotonic()
-        subprocess.run(["scontrol", "requeue", job_id], env=_env(), check=True, capture_output=True, text=True)
-        # a requeued job waits for its begin time; let it start again at once
-        for _ in range(20):
-            upd = subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=_env(),
-                                 capture_output=True, text=True)
-            if upd.returncode == 0:
-                break
-            print(f"[test_slurm] scontrol update: {upd.stderr.strip()}")
-            time.sleep(0.5)
-        out, _ = proc.communicate(timeout=420)
-        print(f"[test_slurm] requeued job {job_id} finished {time.monotonic() - t_requeue:.0f} s after the requeue")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-6000:]
-    log = (workdir / "results/logs/pretrain/mae_femto_all_n60_s0.log").read_text()
-    assert re.search(r"resuming from step \d+", log), log[-3000:]
-    assert json.loads((run_dir / "run.json").read_text())["train_steps"] == 400
-    slurm_logs = list((workdir / "results/logs/slurm/rule_pretrain").rglob(f"{job_id}.log"))
-    assert slurm_logs, "the requeued job kept its SLURM job id and log"

@@ -5,7 +5,8 @@
 #   SLURM_CI_DIR=/tmp/x bash tests/cluster/slurm_ci.sh stop    # stops the daemons by PID file only
 # SLURM_CI_DIR (required): config, state, logs and PID files. SLURM_CI_CPUS (default 2): CPUs the node advertises.
 # Without slurmdbd there is no sacct: run Snakemake with --slurm-status-command squeue (MinJobAge below keeps
-# finished jobs visible to squeue).
+# finished jobs visible to squeue). batch_sched_delay=0: a batch job starts about 1 s after sbatch, not up to 3 s
+# (SLURM's default delay for high-throughput sites).
 set -euo pipefail
 D=${SLURM_CI_DIR:?set SLURM_CI_DIR to a folder for the test cluster state, e.g. SLURM_CI_DIR=\$(mktemp -d)}
 CPUS=${SLURM_CI_CPUS:-2}
@@ -52,6 +53,7 @@ ReturnToService=2
 MinJobAge=600
 MailProg=/bin/true
 SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool
 SlurmctldPidFile=$D/run/slurmctld.pid

@@ -73,7 +73,7 @@ def below_majority(summary: pd.DataFrame, variants: dict[str, Points]) -> pd.Dat
         tab = pts.table
         binary = tab["task"].map(lambda t: t in TASKS and TASKS[t].task == BINARY) & tab["task"].isin(majority.index)
         sel = tab[binary].assign(probe=probe, label_fraction=fraction)
-        sel = sel.assign(majority_acc=sel["task"].map(majority))
+        sel = sel.assign(majority_acc=sel["task"].map(majority).astype(float))  # float even when no task is binary
         rows.append(sel[sel["acc_hi"] < sel["majority_acc"] - 1e-12])
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
     return out.reindex(columns=cols)
