@@ -54,11 +54,10 @@ PEER_IMPORTS = "import lightly.loss, lightly.models.modules, lightly.models.util
 
 def ensure_peer_interpreter() -> None:
     """Re-run this script in the peer venv (made on first use) unless lightly imports here already."""
-    try:
-        import lightly  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("lightly") is not None:
         return
-    except ImportError:
-        pass
     if os.environ.get("BIOVFM_PEER_REEXEC"):
         sys.exit(f"lightly does not import in {sys.executable}; delete {PEER_VENV} and rerun")
     py = PEER_VENV / "bin" / "python"
@@ -261,7 +260,6 @@ class LightlyDINOStep:
     def step(self, inputs) -> float:
         g, loc, block_mask, progress = inputs
         o = self.ours
-        n = len(g) // N_GLOBAL
         mask = torch.cat([block_mask.new_zeros(len(g), 1), block_mask], 1)  # no masking of the class token
         temp = teacher_temperature(progress, o.warmup_teacher_temp, o.teacher_temp, o.teacher_temp_warmup_frac)
         with torch.no_grad():
