@@ -15,7 +15,9 @@ def _download(a: argparse.Namespace) -> None:
     from biovfm.io import write_json
 
     spec = _json_arg("--spec", a.spec, "the download settings")
-    _check_call("--spec", "the download settings", generate_synthetic, a.out, **(spec if isinstance(spec, dict) else {}))
+    if not isinstance(spec, dict):
+        raise ValueError(f"--spec: expected the download settings as a JSON object, got {a.spec[:80]!r}")
+    _check_call("--spec", "the download settings", generate_synthetic, a.out, **spec)
     manifest = generate_synthetic(a.out, **spec)
     write_json(Path(a.out) / "manifest.json", manifest)
 
