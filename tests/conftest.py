@@ -3,6 +3,7 @@ once per session through Snakemake (``small_study``; tests copy it with :func:`c
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,17 @@ def copy_study(study: Path, dest: Path) -> Path:
     return dest
 
 
+def fault_env(spec: dict) -> dict[str, str]:
+    """Environment variables that load the fault injector of tests/faults into the ``biovfm`` jobs."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, "BIOVFM_FAULT": json.dumps(spec)}
+
+
+def study_points(study: Path) -> Path:
+    """Where the small study's jobs recorded their I/O points (next to the study, not in it)."""
+    return study.parent / f"{study.name}-points"
+
+
 SESSION_FIXTURE_SECONDS: dict[str, float] = {}  # set up once, in the setup of the first test that uses them
 
 
@@ -86,6 +98,9 @@ def small_study(tmp_path_factory) -> Path:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `biovfm` entry point of this venv
+    # The jobs' I/O points, recorded (not altered) by tests/faults/sitecustomize.py: where tests/test_kills.py kills
+    study_points(work).mkdir()
+    env.update(fault_env({"command": "*", "record": str(study_points(work))}))
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--workflow-profile", "none",
            "--directory", str(work), "--cores", "2"]

@@ -308,3 +308,24 @@ def test_param_groups_ask_for_fused_adamw_and_states_load_both_ways():
     fresh.load_state_dict(ol.state_dict())  # a state saved by the per-tensor loop
     fresh.load_state_dict(of.state_dict())
     assert all(g["fused"] for g in fresh.param_groups)
+
+
+def test_the_same_encoder_is_saved_as_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in hash-map order, different at every call; save_encoder sorts it, so the
+    same weights give the same file (and the same DVC hash), and the file still reads back whole."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from biovfm.train.checkpoint import save_encoder
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    meta = {f"key{i}": f"value {i}" for i in range(12)} | {"run_id": "mae/femto/all/n60/s0", "note": "é/\n\"x\""}
+    assert len({save({"w": torch.zeros(2)}, metadata=meta) for _ in range(5)}) > 1  # what is fixed here
+    files = [tmp_path / f"{i}.safetensors" for i in range(5)]
+    for f in files:
+        save_encoder(f, encoder, meta)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == meta
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in encoder.state_dict().items())

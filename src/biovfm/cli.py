@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -415,18 +416,76 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_error(cmd: str, e: BaseException) -> None:
-    """The one-line message first (what a user reads in Snakemake's summary), a hint for the errors of scale, then
-    the traceback, so that a CUDA out-of-memory or NCCL error in a cluster log can be traced."""
+    """The one-line message first (what a user reads in Snakemake's summary), a hint for the errors of scale (out of
+    GPU memory or RAM: the settings of this command to change; a full disk: what to free and that a rerun is safe; a
+    failed collective), then the traceback, so that a CUDA out-of-memory or NCCL error in a cluster log can be traced."""
+    from biovfm.io import full_disk_error
+
     print(f"biovfm {cmd}: error: {_text(e) or type(e).__name__}", file=sys.stderr)
     name = type(e).__name__
-    if name == "OutOfMemoryError":
-        print("hint: the job ran out of GPU memory; lower pretrain.batch_size or raise pretrain.grad_accum (same "
-              "global batch, smaller micro-batches), or evaluate.batch_size for feature extraction", file=sys.stderr)
+    memory = _out_of_memory(e)
+    if memory:
+        print(f"hint: the job ran out of {memory}; {MEMORY_SETTINGS.get(cmd, MEMORY_SETTINGS[''])}"
+              + (MEMORY_RAM.get(cmd, MEMORY_RAM[""]) if memory == "memory (RAM)" else ""), file=sys.stderr)
+    elif (full := full_disk_error(e)) is not None:
+        where = full.filename or "the job's outputs"
+        what = "is full" if full.errno == errno.ENOSPC else "is over its quota"
+        print(f"hint: the disk holding {where} {what} ({full.strerror}); free space there or point the study at a "
+              "bigger disk, then rerun the same command: finished outputs are kept and nothing half-written is taken "
+              "as done", file=sys.stderr)
     elif name == "DistBackendError":
         print("hint: a collective between the job's processes failed (NCCL/gloo); the traceback of the rank that "
               "failed first is the one to read", file=sys.stderr)
     print("".join(traceback.format_exception(e)).rstrip(), file=sys.stderr, flush=True)
 
 
+# What sizes a command's memory (RAM or GPU): the settings to lower when it runs out.
+MEMORY_SETTINGS = {
+    "pretrain": "lower pretrain.batch_size or raise pretrain.grad_accum (same global batch, smaller micro-batches)",
+    "evaluate": "lower evaluate.batch_size (images per feature-extraction batch) or evaluate.probe.batch_size (the "
+                "linear probe's mini-batches)",
+    "preprocess-corpus": "lower the rule's threads (--workers: reader processes) or corpus.shard_size (images held "
+                         "before a shard is written)",
+    "aggregate": "lower the rule's threads (--threads: bootstrap processes, one task each) or --n-boot",
+    "": "lower the batch sizes of its stage (pretrain.batch_size, evaluate.batch_size)",
+}
+# Where a job asks for more RAM (SLURM: the params' cluster section; locally: fewer jobs at once).
+MEMORY_RAM = {
+    "pretrain": ", or give it more (cluster.pretrain.<model>.mem_mb) or run fewer jobs at once on this machine",
+    "evaluate": ", or give it more (cluster.evaluate.<model>.mem_mb) or run fewer jobs at once on this machine",
+    "": ", or give it more (cluster.rules.<rule>.mem_mb) or run fewer jobs at once on this machine",
+}
+
+
+def _out_of_memory(e: BaseException) -> str:
+    """"GPU memory" or "memory (RAM)" when ``e`` (or what it was raised from) is an allocation that failed, else ""."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        text = str(x)
+        if type(x).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+            return "GPU memory"
+        # numpy's _ArrayMemoryError is a MemoryError; torch's CPU allocator raises a RuntimeError that names itself
+        if isinstance(x, MemoryError) or ("DefaultCPUAllocator" in text and "memory" in text):
+            return "memory (RAM)"
+        x = x.__cause__ or x.__context__
+    return ""
+
+
+def run() -> None:
+    """The ``biovfm`` command: :func:`main`, then the exit handlers, then a quick exit without the interpreter's
+    teardown, which after torch, timm and MLflow are loaded takes about 1.2 s of every job (module teardown and
+    garbage collection of thousands of modules; ``benchmarks/where_time_goes.py`` counts it in "rest"). Every
+    output is closed and renamed by then, and the exit handlers (logging, multiprocessing, MLflow) still run."""
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,12 +1,18 @@
 """Atomic file output: every artifact is written to a temp file in the same folder, then renamed.
 
-An interrupted job therefore never leaves a half-written file that Snakemake or DVC would take as done.
+An interrupted job therefore never leaves a half-written file that Snakemake or DVC would take as done. A killed
+job does leave its temp file (``.<name>.<host>-<pid>.<random>.tmp...``); the next successful write of the same
+output removes the temps of dead processes on this host, so that a folder DVC versions holds no leftovers.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,18 +24,63 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders that killed writers of ``path`` left next to it: those named by this
+    host and a process id that no longer runs (a temp of another host, or of a live process, is kept). Returns what
+    was removed."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.{_HOST}-") + r"(\d+)\.[^/]*\.(tmp|old)")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            m = pattern.match(entry.name)
+            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue
+            p = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds. A failure for want of
+    space (ENOSPC, EDQUOT, or a writer that lost the errno on a full disk) is raised as :class:`DiskFullError`
+    naming ``path``; the temp is removed either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix or f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
+        sweep_stale_temps(path)
+    except Exception as e:
+        _raise_if_disk_full(e, path, "file")
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -110,26 +161,113 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp folder next to ``path``; swap it in for ``path`` only if the block succeeds.
 
     For outputs made of many files (a sharded store): readers see the old folder, then the new one, never a
-    half-written mix. An existing ``path`` is moved aside and deleted after the swap.
+    half-written mix. An existing ``path`` is moved aside and deleted after the swap. Out of space: a
+    :class:`DiskFullError` naming ``path``, as :func:`atomic_path`.
     """
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        sweep_stale_temps(path)
+    except Exception as e:
+        _raise_if_disk_full(e, path, "folder")
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a library that keeps the OS error's text but not its errno says it (safetensors: "... (os error 28)").
+_FULL_TEXTS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+               errno.EDQUOT: ("Disk quota exceeded", "os error 122")}
+NEARLY_FULL = 1 << 20  # bytes left below which a write error that lost its errno is taken for a full disk
+
+
+class DiskFullError(OSError):
+    """An output could not be written: the disk holding it is full (ENOSPC) or the quota there is spent (EDQUOT).
+
+    ``filename`` names the output (a file, or a folder written as a whole); its temp was removed, so nothing
+    half-written is left and an earlier version of the output is unchanged."""
+
+    def __init__(self, code: int, path: str | os.PathLike, free: int | None = None, kind: str = "file") -> None:
+        super().__init__(code, os.strerror(code), str(path))
+        self.free, self.kind = free, kind
+
+    def __reduce__(self):  # OSError's would rebuild it from (errno, strerror): keep the output's name across processes
+        return type(self), (self.errno, self.filename, self.free, self.kind)
+
+    def __str__(self) -> str:
+        what = "the disk holding it is full" if self.errno == errno.ENOSPC else "the disk quota there is used up"
+        free = "" if self.free is None else f", {_size(self.free)} free"
+        return (f"{self.filename}: not written: {what} ({self.strerror}{free}); the half-written temp {self.kind} "
+                f"was removed and any earlier {Path(self.filename).name} is unchanged")
+
+
+def full_disk_error(e: BaseException) -> OSError | None:
+    """The OSError of a full disk or a spent quota in ``e``'s chain (``e``, then what it was raised from)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in FULL_ERRNOS:
+            return x
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the disk holding ``folder`` (None: cannot tell)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_full_code(e: BaseException, folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when ``e`` is a write error caused by a full disk or a spent quota, else None.
+
+    Some writers drop the errno: torch's zip writer ("unexpected pos 576 vs 534"), numpy's ``tofile`` ("N requested
+    and M written"). A bare OSError or RuntimeError counts as a full disk when ``folder``'s disk is (nearly) full,
+    checked before the failed write's temp is removed."""
+    if (full := full_disk_error(e)) is not None:
+        return full.errno
+    x: BaseException | None = e
+    while x is not None:
+        for code, texts in _FULL_TEXTS.items():
+            if any(t in str(x) for t in texts):
+                return code
+        x = x.__cause__ or x.__context__
+    if type(e) in (OSError, RuntimeError) and getattr(e, "errno", None) is None:
+        free = free_bytes(folder)
+        if free is not None and free < NEARLY_FULL:
+            return errno.ENOSPC
+    return None
+
+
+def _raise_if_disk_full(e: Exception, path: Path, kind: str) -> None:
+    """Raise a write error of ``path`` that a full disk caused as a :class:`DiskFullError` naming ``path``."""
+    code = _disk_full_code(e, path.parent)
+    if code is not None:
+        raise DiskFullError(code, path, free_bytes(path.parent), kind) from e
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _json_default(obj: Any) -> Any:

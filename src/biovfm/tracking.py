@@ -312,10 +312,21 @@ class Run:
                      "create run")
         self.run_id, self.created = run.info.run_id, True
         self._existing = {}
+        if not self.replay:
+            self._close_killed_attempts(exp_id)
         items = [Param(k, v) for k, v in self.params.items()]
         for i in range(0, len(items), 90):
             chunk = items[i:i + 90]
             _retry(lambda: c.log_batch(self.run_id, params=chunk), "log params")
+
+    def _close_killed_attempts(self, exp_id: str) -> None:
+        """Earlier attempts of this job that a kill left RUNNING (a killed process cannot end its run) are marked
+        KILLED, so that the UI shows one live run per job. Snakemake never runs one job twice at once; two studies
+        with identical params logging to one server share keys, and a run marked here still ends FINISHED."""
+        flt = f"tags.`{KEY_TAG}` = '{self.key}' and attributes.status = 'RUNNING'"
+        for old in _retry(lambda: self.client.search_runs([exp_id], flt, max_results=50), "search killed attempts"):
+            if old.info.run_id != self.run_id:
+                _retry(lambda: self.client.set_terminated(old.info.run_id, status="KILLED"), "close a killed attempt")
 
     def _find(self, run_id: str | None):
         """Replay: the run with this id, else the newest run with this key, else None."""
@@ -426,14 +437,19 @@ class Run:
         self._guard("set tags", lambda: _retry(lambda: self.client.log_batch(self.run_id, tags=items), "set tags"))
 
     def finish(self, status: str = "FINISHED", end_time: int | None = None) -> None:
-        """End the run (``status`` FINISHED/FAILED/KILLED) and write the record (status included)."""
+        """End the run (``status`` FINISHED/FAILED/KILLED) and write the record (status included).
+
+        The record first, the store's status last: the status is a job's last write, so a job killed before it
+        leaves its run RUNNING, and the job's rerun closes it as KILLED."""
         self.end_time = end_time or int(time.time() * 1000)
         current = self.status
         self.status = status
+        self._write_record()
         if not (self.replay and current == status):
             self._guard("end run", lambda: _retry(
                 lambda: self.client.set_terminated(self.run_id, status=status, end_time=self.end_time), "end run"))
-        self._write_record()
+            if self.offline:  # the store missed the end: the record says so
+                self._write_record()
 
 
 def _search_key(client, experiment_ids: list[str], key: str, finished_only: bool = False) -> list:

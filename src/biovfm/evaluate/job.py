@@ -204,12 +204,12 @@ def evaluate(job: EvalJob, tasks_dir: str | Path, out_json: str | Path, checkpoi
     metrics |= {"mean_auc": mean_auc, "mean_acc": mean_acc, "wall_time_s": wall}
     metrics |= {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
     run.log_metrics(metrics)
-    run.finish()
     out = {"run_id": job.run_id, "kind": job.kind, **job.descriptors, "seed": job.seed,
            "model": model_name(job), "mean_auc": mean_auc, "mean_acc": mean_acc,
            "tasks": results, **meta, "wall_time_s": wall, "mlflow_run_id": run.run_id,
            "mlflow_key": run.key, "process": {"startup_s": startup_s, **process_times()}}
     write_scores(out_json, scores, variant_scores)  # before eval.json: an eval.json always has its scores
     write_json(out_json, out)
+    run.finish()  # last: a job killed before its outputs are in place leaves a RUNNING run, closed by its rerun
     return out
 

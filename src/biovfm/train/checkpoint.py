@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from biovfm.io import atomic_path, write_json
 
@@ -45,7 +45,11 @@ def save_state(out_dir: Path, state: dict[str, Any]) -> Path:
         torch.save(state, tmp)
     meta = {"step": int(state["step"]), "run_id": state.get("run_id"), "fingerprint": state.get("fingerprint"),
             "sha256": _digest(path), "file": path.name}
-    write_json(path.with_suffix(".json"), meta)
+    try:
+        write_json(path.with_suffix(".json"), meta)
+    except BaseException:  # e.g. the disk filled up: a state without its sidecar only takes space
+        path.unlink(missing_ok=True)
+        raise
     for old in _sidecars(out_dir)[KEEP:]:
         (out_dir / json.loads(old.read_text()).get("file", old.with_suffix(".pt").name)).unlink(missing_ok=True)
         old.unlink(missing_ok=True)
@@ -111,6 +115,21 @@ def clear_states(out_dir: Path) -> None:
 
 
 def save_encoder(path: Path, encoder: torch.nn.Module, metadata: dict[str, str]) -> None:
+    """The encoder as safetensors, the same bytes for the same weights and metadata (what DVC hashes)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     with atomic_path(path, suffix=".tmp.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(sorted_metadata(save(tensors, metadata=metadata)))
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the ``__metadata__`` entries in key order. safetensors writes them in hash-map order,
+    which changes from process to process, so the same weights would give different files (and DVC hashes); the
+    tensors' entries are already in a fixed order. The header keeps its length (the same entries, compact JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        raise ValueError(f"safetensors header grew from {n} to {len(text)} bytes when its metadata was sorted")
+    return data[:8] + text.ljust(n) + data[8 + n:]

@@ -259,7 +259,7 @@ def _finish(job: PretrainJob, out: Path, method: Method, encoder: torch.nn.Modul
     write_text(out / "history.csv", pd.DataFrame(history).to_csv(index=False))
     write_json(out / "config.json", asdict(job))
     run.log_metrics({k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=t.steps)
-    run.finish()
     write_json(out / "run.json", meta)
+    run.finish()  # last: a job killed before its outputs are in place leaves a RUNNING run, closed by its rerun
     clear_states(out)
     return meta

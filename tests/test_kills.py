@@ -1,0 +1,215 @@
+"""A kill at any point of any stage (issue 15): each stage's job is SIGKILLed at 5 seeded I/O points, including in
+the middle of writing its outputs, and the same ``snakemake`` command is run again; the outputs then equal those of
+the uninterrupted small study, and nothing half-written is ever taken as done.
+
+The points come from tests/faults/sitecustomize.py, which recorded every job's I/O in the ``small_study`` fixture
+(each open for writing, each ``write()`` call, rename, removal and temp-folder creation in the study). Per stage,
+on a copy of the finished study with that stage's outputs deleted, one chain of runs: kill at point 1, run again and
+kill at point 2, ..., then a last run that completes. The points are taken in their order in the job, so a job that
+resumes (pretraining, from its last checkpoint) still reaches the next one. Odd kills take the job's process only
+(Snakemake sees a failed job); even ones the whole process group with Snakemake, as on a preempted node (after which
+``snakemake --unlock`` is needed, as Snakemake's message says).
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, copy_study, fault_env, study_points
+from test_workflow import _env
+
+# The README's command, with the profile a plain `snakemake` loads by itself (rerun-incomplete)
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+             "--workflow-profile", str(REPO / "workflow" / "profiles" / "default")]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(SNAKEMAKE + ["--directory", str(workdir), *args], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+KILLS_PER_STAGE = 5
+# Fields that measure the run (time, speed, memory, process) or name an MLflow run: equal only by accident.
+VOLATILE = {"seconds", "images_per_second", "peak_rss_mb", "peak_gpu_mb", "process", "mlflow_run_id",
+            "pretrain_mlflow_run_id", "start_time", "end_time"}
+
+
+def volatile(key: str) -> bool:
+    return key in VOLATILE or key.endswith("_s")  # wall_time_s, feature_s, probe_s, images_per_s, ...
+
+
+TASKS = ["pathmnist", "chestmnist", "breastmnist", "retinamnist"]  # conftest.SMALL_STUDY_TASKS
+RUN = "results/runs/dino/atto/all/n60/s0"
+
+
+@dataclass(frozen=True)
+class Stage:
+    rule: str
+    command: str  # the `biovfm` command of its job
+    target: str  # what `snakemake` is asked for
+    outputs: tuple[str, ...]  # the job's outputs (files or folders), deleted before the chain
+    pick: str = ""  # a fragment of the job's argv that tells its record from other jobs of the rule
+
+
+STAGES = [
+    Stage("download", "download", "data/raw/synthetic/manifest.json",
+          tuple(f"data/raw/synthetic/{t}.npz" for t in TASKS) + ("data/raw/synthetic/corpus.npz",
+                                                                 "data/raw/synthetic/manifest.json")),
+    Stage("preprocess_task", "preprocess-task", "data/processed/tasks/chestmnist_16.npz",
+          ("data/processed/tasks/chestmnist_16.npz",), pick="chestmnist"),
+    Stage("preprocess_corpus", "preprocess-corpus", "data/processed/corpus/report.json",
+          tuple(f"data/processed/corpus/{f}" for f in ("index.csv", "shards.json", "shards", "report.json"))),
+    Stage("pretrain", "pretrain", f"{RUN}/run.json",
+          tuple(f"{RUN}/{f}" for f in ("checkpoint.safetensors", "run.json", "history.csv", "config.json",
+                                       "mlflow.json")), pick="dino/atto/all/n60"),
+    Stage("evaluate", "evaluate", f"{RUN}/eval.json",
+          tuple(f"{RUN}/{f}" for f in ("eval.json", "scores.npz", "eval.mlflow.json")), pick="dino/atto/all/n60"),
+    Stage("aggregate", "aggregate", "results/summary.csv",
+          ("results/summary.csv", "results/summary.json", "results/fits.csv", "results/report.html")),
+]
+
+
+def _aggregate_outputs(study: Path) -> tuple[str, ...]:
+    """The aggregate's tables and figures, as the finished study has them (task_stats and task_examples are other
+    rules' outputs)."""
+    files = [p for p in (study / "results" / "tables").glob("*.csv") if p.name != "task_stats.csv"]
+    files += [p for p in (study / "results" / "figures").iterdir() if not p.name.startswith("task_examples")]
+    return tuple(str(p.relative_to(study)) for p in sorted(files))
+
+
+def stage_outputs(stage: Stage, study: Path) -> tuple[str, ...]:
+    return stage.outputs + (_aggregate_outputs(study) if stage.rule == "aggregate" else ())
+
+
+def job_points(study: Path, stage: Stage) -> list[dict]:
+    """The I/O points that the stage's job went through in the uninterrupted study."""
+    for f in sorted(study_points(study).glob(f"{stage.command}.*.jsonl")):
+        lines = f.read_text().splitlines()
+        if stage.pick in " ".join(json.loads(lines[0])["argv"]):
+            return [json.loads(line) for line in lines[1:]]
+    raise AssertionError(f"no recorded points for {stage.command} {stage.pick} in {study_points(study)}")
+
+
+def choose_points(points: list[dict], rule: str, n: int = KILLS_PER_STAGE) -> list[dict]:
+    """n distinct points, seeded by the rule: one in the middle of writing an output, one at an output's rename (the
+    temp file complete, not yet in place), the rest anywhere; in the order the job reaches them. Creating folders
+    that already exist is not a point worth a kill, creating a temp folder is."""
+    ours = [p for p in points if "mlflow-artifacts" not in p["path"]]
+    usable = [p for p in points if p["kind"] != "mkdir" or Path(p["path"]).name.startswith(".")]
+    rng = random.Random(f"kill-{rule}")
+    chosen = {rng.choice([p for p in ours if p["kind"] == "write"])["id"],
+              rng.choice([p for p in ours if p["kind"] == "rename"])["id"]}
+    while len(chosen) < n:
+        chosen.add(rng.choice(usable)["id"])
+    return sorted((p for p in usable if p["id"] in chosen), key=lambda p: p["i"])
+
+
+def _mask_json(x):
+    if isinstance(x, dict):
+        return {k: _mask_json(v) for k, v in x.items() if not volatile(k)}
+    if isinstance(x, list):
+        return [_mask_json(v) for v in x]
+    return x
+
+
+def same_output(a: Path, b: Path) -> str | None:
+    """None if the output ``a`` equals the reference ``b``, else why not: bitwise, except the run-measuring fields of
+    JSON and CSV files (:data:`VOLATILE`; CSV columns of those names), run ids in the HTML report, and PNG/SVG
+    figures compared by their pixels / text without run ids."""
+    if b.is_dir():
+        names = sorted(p.name for p in a.iterdir() if p.name != ".snakemake_timestamp")
+        ref = sorted(p.name for p in b.iterdir() if p.name != ".snakemake_timestamp")
+        if names != ref:
+            return f"{a}: holds {names}, expected {ref}"
+        return next(filter(None, (same_output(a / n, b / n) for n in names)), None)
+    if a.read_bytes() == b.read_bytes():
+        return None
+    if a.suffix == ".json":
+        x, y = _mask_json(json.loads(a.read_text())), _mask_json(json.loads(b.read_text()))
+        if x != y:
+            keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k)) if isinstance(x, dict) else []
+            return f"{a} differs from the uninterrupted run's {b} in {keys}: {[x.get(k) for k in keys]} vs " \
+                   f"{[y.get(k) for k in keys]}"
+        ok = True
+    elif a.suffix == ".csv":
+        x, y = pd.read_csv(a), pd.read_csv(b)
+        drop = [c for c in y.columns if volatile(c)]
+        ok = x.drop(columns=drop, errors="ignore").equals(y.drop(columns=drop, errors="ignore"))
+    elif a.suffix == ".png":
+        from PIL import Image
+
+        ok = np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    else:
+        ok = a.read_bytes() == b.read_bytes()
+    return None if ok else f"{a} differs from the uninterrupted run's {b}"
+
+
+def stale_temps(study: Path) -> list[str]:
+    """Temp files and folders of our atomic writes (``.<name>.<host>-<pid>.<random>.tmp...``) left in the study."""
+    return sorted(str(p.relative_to(study)) for d in ("data", "results") for p in (study / d).rglob(".*")
+                  if (".tmp" in p.name or p.name.endswith(".old")) and "mlflow-artifacts" not in p.parts)
+
+
+def mlflow_runs(study: Path) -> pd.DataFrame:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{study / 'results' / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, max_results=10_000)
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, "key": r.data.tags.get("biovfm.key", "")}
+                         for r in runs])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES, ids=[s.rule for s in STAGES])
+def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path):
+    work = copy_study(small_study, tmp_path / "study")
+    outputs = stage_outputs(stage, small_study)
+    for rel in outputs:
+        shutil.rmtree(work / rel) if (work / rel).is_dir() else (work / rel).unlink()
+    points = choose_points(job_points(small_study, stage), stage.rule)
+    assert len(points) == KILLS_PER_STAGE and any(p["kind"] == "write" for p in points), points
+    runs_before = mlflow_runs(work)
+    cmd = SNAKEMAKE + ["--directory", str(work), "--cores", "2", stage.target]
+    log = tmp_path / "killed.json"
+    for k, point in enumerate(points):
+        victim = "group" if k % 2 else "job"
+        env = _env() | fault_env({"command": stage.command, "kill_at": point["id"], "victim": victim,
+                                  "log": str(log)})
+        log.unlink(missing_ok=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+        assert log.exists(), (f"kill {k + 1} at {point['id']!r} was not reached (exit {proc.returncode}):\n"
+                              f"{proc.stderr[-3000:]}")
+        assert proc.returncode != 0
+        for rel in outputs:  # a file at an output's name is whole: only a complete temp file is renamed there
+            # (the job's MLflow record is rewritten at the start and the end of a run: it is not an output)
+            if (work / rel).exists() and not (work / rel).is_dir() and not rel.endswith("mlflow.json"):
+                assert same_output(work / rel, small_study / rel) is None, f"after a kill at {point['id']!r}"
+        if victim == "group":
+            snakemake(work, "--unlock")
+    done = snakemake(work, "--cores", "2", stage.target)
+    assert f"(Rule: {stage.rule})" in done.stderr, done.stderr[-2000:]  # the job ran again
+    for rel in outputs:
+        assert (work / rel).exists(), rel
+        assert same_output(work / rel, small_study / rel) is None
+    assert stale_temps(work) == []
+    # MLflow: the killed attempts are closed as KILLED, one finished run per job, nothing else touched.
+    runs = mlflow_runs(work)
+    new = runs[~runs.run_id.isin(runs_before.run_id)]
+    assert (runs.status != "RUNNING").all(), runs[runs.status == "RUNNING"]
+    assert runs_before.set_index("run_id").status.to_dict() == \
+        runs[runs.run_id.isin(runs_before.run_id)].set_index("run_id").status.to_dict()
+    assert (new.status == "FINISHED").sum() <= 1 and set(new.status) <= {"FINISHED", "KILLED"}, new
+    if stage.rule in ("pretrain", "evaluate"):  # the one finished run is the one its output names
+        named = json.loads((work / stage.target).read_text())["mlflow_run_id"]
+        assert new[new.status == "FINISHED"].run_id.tolist() == [named]
