@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+# MLflow 3 reports usage over the network from every process unless told not to; the study's only network calls are
+# the download stage's (MLFLOW_DISABLE_TELEMETRY=false in the environment allows it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 RETRY_ENV = "BIOVFM_MLFLOW_RETRY_S"

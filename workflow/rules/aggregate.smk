@@ -16,6 +16,7 @@ rule task_stats:
         "results/tables/task_stats.csv",
     params:
         custom=json.dumps([dataclasses.asdict(t) for t in CUSTOM_TASKS.values()]),
+        code=CODE_ANALYSIS,
     resources:
         **cfg.cluster_resources(config, "task_stats"),  # SLURM only: partition, account, mem_mb, runtime
     log:
@@ -33,7 +34,7 @@ rule aggregate:
         evals=eval_outputs(),
         stats="results/tables/task_stats.csv",
         corpus=f"{CORPUS_DIR}/report.json",  # what the corpus left out (copies of val/test images), for the report
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         summary="results/summary.csv",
         metrics="results/summary.json",
@@ -46,6 +47,7 @@ rule aggregate:
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
         study=json.dumps({"source": SOURCE, "image_size": SIZE, "modalities": config["modalities"]}),
+        code=CODE_ANALYSIS,  # an edited estimator, fit or figure leaves no stale table or figure
     threads: 2  # the bootstrap, a task per process; a cluster job asks for these CPUs (a small node has 2)
     resources:
         **cfg.cluster_resources(config, "aggregate"),  # SLURM only: partition, account, mem_mb, runtime

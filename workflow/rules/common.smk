@@ -33,8 +33,32 @@ CORPUS_DIR = "data/processed/corpus"
 CONDA_ENV = "../../envs/biovfm.yaml"  # for sites that deploy with conda (snakemake --sdm conda); relative to rules/
 MLFLOW_INIT = "results/mlflow_init.json"
 
+
+def mlflow_store():
+    """The input that makes a job wait for the MLflow store. ancient(): re-creating results/mlflow_init.json reruns
+    nothing; but when tracking.uri or .experiment changed (the file names another store), a plain input, so that the
+    jobs that log rerun in the same run as mlflow_init (Snakemake does not look at the params of jobs below a rerun
+    job whose inputs from it are all ancient: they would rerun only on the next invocation)."""
+    try:
+        with open(MLFLOW_INIT) as f:
+            made = json.load(f)
+    except (OSError, ValueError):
+        return ancient(MLFLOW_INIT)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config["tracking"]["uri"]  # as biovfm.tracking.resolve_uri
+    same = (made.get("tracking_uri"), made.get("experiment")) == (uri, config["tracking"]["experiment"])
+    return ancient(MLFLOW_INIT) if same else MLFLOW_INIT
+
+
+MLFLOW_STORE = mlflow_store()
+
+# Each stage's code, a param of its jobs: an edit reruns that stage and what reads its outputs (nothing else).
 CODE_PRETRAIN = cfg.code_version("models", "methods", "train", "data/store.py", "config.py")
-CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "data/preprocess.py", "config.py")
+CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "data/preprocess.py", "train/augment.py",
+                             "config.py")  # train/augment.py: the input normalisation of the features
+CODE_DOWNLOAD = cfg.code_version("data/synthetic.py")  # the synthetic benchmark's generator (MedMNIST+: the MD5s)
+CODE_TASKS = cfg.code_version("data/preprocess.py", "data/sources.py", "data/medmnist.py")  # the evaluation tasks
+CODE_CORPUS = cfg.code_version("data/preprocess.py", "data/sources.py", "data/medmnist.py", "data/store.py")
+CODE_ANALYSIS = cfg.code_version("analysis", "evaluate/scores.py", "data/medmnist.py")  # tables, figures, report
 
 
 wildcard_constraints:
@@ -70,25 +94,32 @@ def external_weights(w):
 
 
 def pretrain_job(w):
-    return cfg.to_json(cfg.pretrain_job(config, w.method, w.model, w.modality, int(w.n), int(w.seed), CODE_PRETRAIN))
+    job = cfg.pretrain_job(config, w.method, w.model, w.modality, int(w.n), int(w.seed), CODE_PRETRAIN)
+    # threads only schedule the job (the command's --threads sets them): a changed count must rerun nothing
+    return cfg.to_json(dataclasses.replace(job, train=dataclasses.replace(job.train, threads=1)))
 
 
 def eval_job(w, kind):
+    """An evaluation job as JSON, its threads fixed (the command's --threads sets them): a new count reruns nothing."""
+    return cfg.to_json(dataclasses.replace(_eval_job(w, kind), threads=1))
+
+
+def _eval_job(w, kind):
     if kind == "pretrained":
         desc = {"method": w.method, "modality": w.modality, "data_size": int(w.n)}
         run = cfg.run_id(w.method, w.model, w.modality, int(w.n), int(w.seed))
-        return cfg.to_json(cfg.eval_job(config, kind, run, w.model, int(w.seed), desc, CODE_EVAL))
+        return cfg.eval_job(config, kind, run, w.model, int(w.seed), desc, CODE_EVAL)
     if kind == "random_init":
         desc = {"method": "random", "modality": "", "data_size": 0}
         run = cfg.random_init_id(w.model, int(w.seed))
-        return cfg.to_json(cfg.eval_job(config, kind, run, w.model, int(w.seed), desc, CODE_EVAL))
+        return cfg.eval_job(config, kind, run, w.model, int(w.seed), desc, CODE_EVAL)
     if kind == "external":
         entry = cfg.external_entry(config, w.name)
         desc = {"method": "external", "modality": "", "data_size": 0}
-        return cfg.to_json(cfg.eval_job(config, kind, cfg.external_id(w.name), None, int(entry.get("seed", 0)), desc,
-                                        CODE_EVAL, entry))
+        return cfg.eval_job(config, kind, cfg.external_id(w.name), None, int(entry.get("seed", 0)), desc, CODE_EVAL,
+                            entry)
     desc = {"method": "raw", "modality": "", "data_size": 0}
-    return cfg.to_json(cfg.eval_job(config, kind, cfg.RAW_PIXELS_ID, None, 0, desc, CODE_EVAL))
+    return cfg.eval_job(config, kind, cfg.RAW_PIXELS_ID, None, 0, desc, CODE_EVAL)
 
 
 AGGREGATE_OUTPUTS = [

@@ -20,6 +20,7 @@ if SOURCE == "synthetic":
                 sort_keys=True,
             ),
             out=subpath(output.manifest, parent=True),
+            code=CODE_DOWNLOAD,  # a changed generator is a new benchmark
         resources:
             **cfg.cluster_resources(config, "download"),  # SLURM only: partition, account, mem_mb, runtime
         log:

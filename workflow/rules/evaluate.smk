@@ -5,7 +5,7 @@ rule evaluate:
         checkpoint="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/checkpoint.safetensors",
         run="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/run.json",
         tasks=TASK_FILES,
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         eval="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/eval.json",
         scores="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/scores.npz",  # test scores + labels per task: the bootstrap's input
@@ -29,7 +29,7 @@ rule evaluate_random_init:
         CONDA_ENV
     input:
         tasks=TASK_FILES,
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         eval="results/baselines/random/{model}/s{seed}/eval.json",
         scores="results/baselines/random/{model}/s{seed}/scores.npz",  # test scores + labels per task: the bootstrap's input
@@ -53,7 +53,7 @@ rule evaluate_raw_pixels:
         CONDA_ENV
     input:
         tasks=TASK_FILES,
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         eval="results/baselines/raw/pixels/eval.json",
         scores="results/baselines/raw/pixels/scores.npz",  # test scores + labels per task: the bootstrap's input
@@ -78,7 +78,7 @@ rule evaluate_external:
     input:
         weights=external_weights,
         tasks=TASK_FILES,
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         eval="results/baselines/external/{name}/eval.json",
         scores="results/baselines/external/{name}/scores.npz",  # test scores + labels per task: the bootstrap's input

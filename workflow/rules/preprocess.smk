@@ -15,6 +15,7 @@ rule preprocess_task:
     params:
         size=SIZE,
         info=lambda w: json.dumps(dataclasses.asdict(CUSTOM_TASKS[w.task])) if w.task in CUSTOM_TASKS else "",  # "": a flag
+        code=CODE_TASKS,
     resources:
         **cfg.cluster_resources(config, "preprocess_task"),  # SLURM only: partition, account, mem_mb, runtime
     log:
@@ -43,7 +44,7 @@ rule preprocess_corpus:
     input:
         sources=CORPUS_INPUTS,
         tasks=TASK_FILES,
-        mlflow=ancient(MLFLOW_INIT),  # the store exists before the report is logged (never created here)
+        mlflow=MLFLOW_STORE,  # the store exists before the report is logged (never created here)
     output:
         index=f"{CORPUS_DIR}/index.csv",
         manifest=f"{CORPUS_DIR}/shards.json",
@@ -55,6 +56,7 @@ rule preprocess_corpus:
         out=subpath(output.index, parent=True),
         uri=config["tracking"]["uri"],
         experiment=config["tracking"]["experiment"],
+        code=CODE_CORPUS,
     threads: config["corpus"]["threads"]
     resources:
         **cfg.cluster_resources(config, "preprocess_corpus"),  # SLURM only: partition, account, mem_mb, runtime
@@ -74,6 +76,8 @@ rule task_examples:
         CONDA_ENV
     input:
         TASK_FILES,
+    params:
+        code=CODE_ANALYSIS,
     resources:
         **cfg.cluster_resources(config, "task_examples"),  # SLURM only: partition, account, mem_mb, runtime
     output:

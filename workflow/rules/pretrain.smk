@@ -23,7 +23,7 @@ rule pretrain:
     input:
         images=f"{CORPUS_DIR}/shards.json",  # the sharded store's manifest
         index=f"{CORPUS_DIR}/index.csv",
-        mlflow=ancient(MLFLOW_INIT),
+        mlflow=MLFLOW_STORE,
     output:
         checkpoint="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/checkpoint.safetensors",
         run="results/runs/{method}/{model}/{modality}/n{n}/s{seed}/run.json",
