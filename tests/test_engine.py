@@ -160,7 +160,7 @@ def test_dino_run_does_not_collapse_and_learns(params, synthetic_corpus, mlflow_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mae", "dino"])
+@pytest.mark.parametrize("method", ["mae"])  # DINO: tests/test_kills.py kills and resumes its job under Snakemake
 def test_killed_job_resumes_to_the_same_weights(params, corpus_dir, mlflow_uri, tmp_path, method):
     """SIGKILL a real `biovfm pretrain` process after its first checkpoint, rerun it, compare with an uninterrupted run."""
     job = tiny_job(params, mlflow_uri, method, steps=400 if method == "mae" else 150, checkpoint_every=20, log_every=50,

@@ -102,15 +102,26 @@ def job_points(study: Path, stage: Stage) -> list[dict]:
 
 def choose_points(points: list[dict], rule: str, n: int = KILLS_PER_STAGE) -> list[dict]:
     """n distinct points, seeded by the rule: one in the middle of writing an output, one at an output's rename (the
-    temp file complete, not yet in place), the rest anywhere; in the order the job reaches them. Creating folders
-    that already exist is not a point worth a kill, creating a temp folder is."""
-    ours = [p for p in points if "mlflow-artifacts" not in p["path"]]
-    usable = [p for p in points if p["kind"] != "mkdir" or Path(p["path"]).name.startswith(".")]
+    temp file complete, not yet in place), one in the first half of the job (pretraining: its checkpoints), the
+    rest anywhere; in the order the job reaches them. A pick is a place
+    (what is done to which file), then one of its occurrences, so that a file written in 10^4 small pieces (an SVG)
+    is not picked 10^4 times as often as one written at once. Creating a folder that exists is not worth a kill,
+    creating a temp folder is."""
+    def pick(candidates: list[dict]) -> str:
+        places: dict[str, list[dict]] = {}
+        for p in candidates:
+            places.setdefault(p["id"].rsplit(" #", 1)[0], []).append(p)
+        return rng.choice(places[rng.choice(sorted(places))])["id"]
+
+    # MLflow's artifact folder is named by absolute path in the store: in a copy of the study it is the original's,
+    # outside the copy, so its points are not the copy's.
+    usable = [p for p in points if "mlflow-artifacts" not in p["path"]
+              and (p["kind"] != "mkdir" or Path(p["path"]).name.startswith("."))]
     rng = random.Random(f"kill-{rule}")
-    chosen = {rng.choice([p for p in ours if p["kind"] == "write"])["id"],
-              rng.choice([p for p in ours if p["kind"] == "rename"])["id"]}
+    chosen = {pick([p for p in usable if p["kind"] == "write"]), pick([p for p in usable if p["kind"] == "rename"]),
+              pick(usable[:len(usable) // 2])}
     while len(chosen) < n:
-        chosen.add(rng.choice(usable)["id"])
+        chosen.add(pick(usable))
     return sorted((p for p in usable if p["id"] in chosen), key=lambda p: p["i"])
 
 
@@ -182,6 +193,7 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
     runs_before = mlflow_runs(work)
     cmd = SNAKEMAKE + ["--directory", str(work), "--cores", "2", stage.target]
     log = tmp_path / "killed.json"
+    printed = []  # what the jobs printed (the job's log is overwritten by each run)
     for k, point in enumerate(points):
         victim = "group" if k % 2 else "job"
         env = _env() | fault_env({"command": stage.command, "kill_at": point["id"], "victim": victim,
@@ -191,6 +203,7 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
         assert log.exists(), (f"kill {k + 1} at {point['id']!r} was not reached (exit {proc.returncode}):\n"
                               f"{proc.stderr[-3000:]}")
         assert proc.returncode != 0
+        printed.append(proc.stdout)
         for rel in outputs:  # a file at an output's name is whole: only a complete temp file is renamed there
             # (the job's MLflow record is rewritten at the start and the end of a run: it is not an output)
             if (work / rel).exists() and not (work / rel).is_dir() and not rel.endswith("mlflow.json"):
@@ -198,6 +211,7 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
         if victim == "group":
             snakemake(work, "--unlock")
     done = snakemake(work, "--cores", "2", stage.target)
+    printed.append(done.stdout)
     assert f"(Rule: {stage.rule})" in done.stderr, done.stderr[-2000:]  # the job ran again
     for rel in outputs:
         assert (work / rel).exists(), rel
@@ -210,6 +224,8 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
     assert runs_before.set_index("run_id").status.to_dict() == \
         runs[runs.run_id.isin(runs_before.run_id)].set_index("run_id").status.to_dict()
     assert (new.status == "FINISHED").sum() <= 1 and set(new.status) <= {"FINISHED", "KILLED"}, new
+    if stage.rule == "pretrain":  # a rerun resumed from a checkpoint and still reached the same weights
+        assert any("resuming from step" in text for text in printed)
     if stage.rule in ("pretrain", "evaluate"):  # the one finished run is the one its output names
         named = json.loads((work / stage.target).read_text())["mlflow_run_id"]
         assert new[new.status == "FINISHED"].run_id.tolist() == [named]

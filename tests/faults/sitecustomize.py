@@ -18,6 +18,7 @@ that is on only while a file under the study is open for writing.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
@@ -29,11 +30,18 @@ _SPEC = json.loads(os.environ.get("BIOVFM_FAULT") or "null")
 # The audit events of changes to the tree, with the position of their dir_fd argument (None: it has none).
 _DIR_FD = {"os.rename": 2, "os.remove": 1, "os.mkdir": 2, "shutil.rmtree": 1, "os.truncate": None}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_RANDOM = re.compile(r"\.[^./]+-\d+\.[A-Za-z0-9_]{8}\.(tmp|old)|\.[A-Za-z0-9_]{8}\.(tmp|old)|[0-9a-f]{32}")
+# The random parts of names: our temps (.<name>.<host>-<pid>.<random>.tmp), MLflow's (.artifact.uploading.<random>)
+# and MLflow run ids.
+_RANDOM = [(re.compile(r"\.[^./]+-\d+\.[A-Za-z0-9_]{8}\.(tmp|old)"), r".*.\1"),
+           (re.compile(r"\.[A-Za-z0-9_]{8}\.(tmp|old)"), r".*.\1"),
+           (re.compile(r"(\.uploading)\.[A-Za-z0-9_]{8}$"), r"\1.*"),
+           (re.compile(r"[0-9a-f]{32}"), "<run>")]
 
 
-def _mask(m: re.Match) -> str:
-    return ".*." + (m.group(1) or m.group(2)) if (m.group(1) or m.group(2)) else "<run>"
+def _mask(path: str) -> str:
+    for pattern, repl in _RANDOM:
+        path = pattern.sub(repl, path)
+    return path
 
 
 def _ours() -> bool:
@@ -47,6 +55,7 @@ class _Points:
         self.seen: collections.Counter[str] = collections.Counter()
         self.writing: set[str] = set()  # paths open for writing under the study
         self.busy = False  # inside our own record/log writes
+        self.record = None
 
     def inside(self, path) -> str | None:
         if isinstance(path, bytes):
@@ -60,16 +69,16 @@ class _Points:
         if self.busy:
             return
         self.busy = True
-        name = f"{kind} {_RANDOM.sub(_mask, rel)}"
+        name = f"{kind} {_mask(rel)}"
         self.seen[name] += 1
         entry = {"id": f"{name} #{self.seen[name]}", "i": sum(self.seen.values()), "kind": kind, "path": rel}
         if "record" in self.spec:
-            out = os.path.join(self.spec["record"], f"{sys.argv[1]}.{os.getpid()}.jsonl")
-            new = not os.path.exists(out)
-            with open(out, "a") as f:
-                if new:
-                    f.write(json.dumps({"argv": sys.argv[1:]}) + "\n")
-                f.write(json.dumps(entry) + "\n")
+            if self.record is None:  # opened once, closed at exit (a recording process is never killed)
+                out = os.path.join(self.spec["record"], f"{sys.argv[1]}.{os.getpid()}.jsonl")
+                self.record = open(out, "w")
+                atexit.register(self.record.close)
+                self.record.write(json.dumps({"argv": sys.argv[1:]}) + "\n")
+            self.record.write(json.dumps(entry) + "\n")
         elif entry["id"] == self.spec["kill_at"]:
             with open(self.spec["log"], "w") as f:
                 f.write(json.dumps(entry) + "\n")
