@@ -135,8 +135,8 @@ def _mask_json(x):
 
 def same_output(a: Path, b: Path) -> str | None:
     """None if the output ``a`` equals the reference ``b``, else why not: bitwise, except the run-measuring fields of
-    JSON and CSV files (:data:`VOLATILE`; CSV columns of those names), run ids in the HTML report, and PNG/SVG
-    figures compared by their pixels / text without run ids."""
+    JSON and CSV files (:func:`volatile`: times, speeds, memory, MLflow run ids) and PNG figures, compared by their
+    pixels. The HTML report and the SVG figures are compared bitwise (they are deterministic)."""
     if b.is_dir():
         names = sorted(p.name for p in a.iterdir() if p.name != ".snakemake_timestamp")
         ref = sorted(p.name for p in b.iterdir() if p.name != ".snakemake_timestamp")
