@@ -27,9 +27,10 @@ import pytest
 from conftest import REPO, copy_study, fault_env, study_points
 from test_workflow import _env
 
-# The README's command, with the profile a plain `snakemake` loads by itself (rerun-incomplete)
+# The README's local command: the local profile sets rerun-incomplete, which a rerun after a kill of Snakemake itself
+# needs (without it Snakemake refuses, saying to add it)
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-             "--workflow-profile", str(REPO / "workflow" / "profiles" / "default")]
+             "--workflow-profile", str(REPO / "workflow" / "profiles" / "local")]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
