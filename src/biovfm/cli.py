@@ -459,17 +459,15 @@ MEMORY_RAM = {
 
 def _out_of_memory(e: BaseException) -> str:
     """"GPU memory" or "memory (RAM)" when ``e`` (or what it was raised from) is an allocation that failed, else ""."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
+    from biovfm.io import exception_chain
+
+    for x in exception_chain(e):
         text = str(x)
         if type(x).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
             return "GPU memory"
         # numpy's _ArrayMemoryError is a MemoryError; torch's CPU allocator raises a RuntimeError that names itself
         if isinstance(x, MemoryError) or ("DefaultCPUAllocator" in text and "memory" in text):
             return "memory (RAM)"
-        x = x.__cause__ or x.__context__
     return ""
 
 

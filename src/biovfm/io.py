@@ -213,16 +213,19 @@ class DiskFullError(OSError):
                 f"was removed and any earlier {Path(self.filename).name} is unchanged")
 
 
-def full_disk_error(e: BaseException) -> OSError | None:
-    """The OSError of a full disk or a spent quota in ``e``'s chain (``e``, then what it was raised from)."""
+def exception_chain(e: BaseException) -> Iterator[BaseException]:
+    """``e``, then what it was raised from (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     x: BaseException | None = e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in FULL_ERRNOS:
-            return x
+        yield x
         x = x.__cause__ or x.__context__
-    return None
+
+
+def full_disk_error(e: BaseException) -> OSError | None:
+    """The OSError of a full disk or a spent quota in ``e``'s chain."""
+    return next((x for x in exception_chain(e) if isinstance(x, OSError) and x.errno in FULL_ERRNOS), None)
 
 
 def free_bytes(folder: str | os.PathLike) -> int | None:
@@ -242,12 +245,10 @@ def _disk_full_code(e: BaseException, folder: Path) -> int | None:
     checked before the failed write's temp is removed."""
     if (full := full_disk_error(e)) is not None:
         return full.errno
-    x: BaseException | None = e
-    while x is not None:
+    for x in exception_chain(e):
         for code, texts in _FULL_TEXTS.items():
             if any(t in str(x) for t in texts):
                 return code
-        x = x.__cause__ or x.__context__
     if type(e) in (OSError, RuntimeError) and getattr(e, "errno", None) is None:
         free = free_bytes(folder)
         if free is not None and free < NEARLY_FULL:
