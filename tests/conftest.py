@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -72,6 +73,70 @@ def copy_study(study: Path, dest: Path) -> Path:
         shutil.copytree(study / d, dest / d, symlinks=True, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("locks", "log") if d == ".snakemake" else None)
     return dest
+
+
+# Fields that measure the run (time, speed, memory, process) or name an MLflow run: equal only by accident.
+VOLATILE = {"seconds", "images_per_second", "peak_rss_mb", "peak_gpu_mb", "process", "mlflow_run_id",
+            "pretrain_mlflow_run_id", "start_time", "end_time"}
+
+
+def volatile(key: str) -> bool:
+    return key in VOLATILE or key.endswith("_s")  # wall_time_s, feature_s, probe_s, images_per_s, ...
+
+
+def without_volatile(x):
+    if isinstance(x, dict):
+        return {k: without_volatile(v) for k, v in x.items() if not volatile(k)}
+    if isinstance(x, list):
+        return [without_volatile(v) for v in x]
+    return x
+
+
+def same_output(a: Path, b: Path) -> str | None:
+    """None if the output ``a`` equals the reference ``b``, else why not: bitwise, except the run-measuring fields of
+    JSON and CSV files (:func:`volatile`: times, speeds, memory, MLflow run ids) and PNG figures, compared by their
+    pixels. The HTML report and the SVG figures are compared bitwise (they are deterministic)."""
+    if b.is_dir():
+        names = sorted(p.name for p in a.iterdir() if p.name != ".snakemake_timestamp")
+        ref = sorted(p.name for p in b.iterdir() if p.name != ".snakemake_timestamp")
+        if names != ref:
+            return f"{a}: holds {names}, expected {ref}"
+        return next(filter(None, (same_output(a / n, b / n) for n in names)), None)
+    if a.read_bytes() == b.read_bytes():
+        return None
+    if a.suffix == ".json":
+        x, y = without_volatile(json.loads(a.read_text())), without_volatile(json.loads(b.read_text()))
+        if x != y:
+            keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k)) if isinstance(x, dict) else []
+            return f"{a} differs from the uninterrupted run's {b} in {keys}: {[x.get(k) for k in keys]} vs " \
+                   f"{[y.get(k) for k in keys]}"
+        ok = True
+    elif a.suffix == ".csv":
+        x, y = pd.read_csv(a), pd.read_csv(b)
+        drop = [c for c in y.columns if volatile(c)]
+        ok = x.drop(columns=drop, errors="ignore").equals(y.drop(columns=drop, errors="ignore"))
+    elif a.suffix == ".png":
+        from PIL import Image
+
+        ok = np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    else:
+        ok = a.read_bytes() == b.read_bytes()
+    return None if ok else f"{a} differs from the uninterrupted run's {b}"
+
+
+def mlflow_runs(db: Path) -> dict[str, dict]:
+    """Every run of a SQLite MLflow store: {run id: status, times, key, stage, metrics, params, tags, experiment}."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exps = {e.experiment_id: e for e in client.search_experiments()}
+    runs = client.search_runs(list(exps), max_results=10_000)
+    return {r.info.run_id: {"status": r.info.status, "start": r.info.start_time, "end": r.info.end_time,
+                            "key": r.data.tags.get(tracking.KEY_TAG, ""), "stage": r.data.tags.get("stage"),
+                            "grid_id": r.data.tags.get("grid_id"), "metrics": r.data.metrics,
+                            "params": r.data.params, "tags": r.data.tags,
+                            "experiment": exps[r.info.experiment_id].name,
+                            "artifacts": exps[r.info.experiment_id].artifact_location} for r in runs}
 
 
 def fault_env(spec: dict) -> dict[str, str]:

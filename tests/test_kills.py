@@ -20,11 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
-from conftest import REPO, copy_study, fault_env, study_points
+from conftest import REPO, copy_study, fault_env, mlflow_runs, same_output, study_points
 from test_workflow import _env
 
 # The README's local command: the local profile sets rerun-incomplete, which a rerun after a kill of Snakemake itself
@@ -40,15 +38,6 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 KILLS_PER_STAGE = 5
-# Fields that measure the run (time, speed, memory, process) or name an MLflow run: equal only by accident.
-VOLATILE = {"seconds", "images_per_second", "peak_rss_mb", "peak_gpu_mb", "process", "mlflow_run_id",
-            "pretrain_mlflow_run_id", "start_time", "end_time"}
-
-
-def volatile(key: str) -> bool:
-    return key in VOLATILE or key.endswith("_s")  # wall_time_s, feature_s, probe_s, images_per_s, ...
-
-
 TASKS = ["pathmnist", "chestmnist", "breastmnist", "retinamnist"]  # conftest.SMALL_STUDY_TASKS
 RUN = "results/runs/dino/atto/all/n60/s0"
 
@@ -126,60 +115,10 @@ def choose_points(points: list[dict], rule: str, n: int = KILLS_PER_STAGE) -> li
     return sorted((p for p in usable if p["id"] in chosen), key=lambda p: p["i"])
 
 
-def _mask_json(x):
-    if isinstance(x, dict):
-        return {k: _mask_json(v) for k, v in x.items() if not volatile(k)}
-    if isinstance(x, list):
-        return [_mask_json(v) for v in x]
-    return x
-
-
-def same_output(a: Path, b: Path) -> str | None:
-    """None if the output ``a`` equals the reference ``b``, else why not: bitwise, except the run-measuring fields of
-    JSON and CSV files (:func:`volatile`: times, speeds, memory, MLflow run ids) and PNG figures, compared by their
-    pixels. The HTML report and the SVG figures are compared bitwise (they are deterministic)."""
-    if b.is_dir():
-        names = sorted(p.name for p in a.iterdir() if p.name != ".snakemake_timestamp")
-        ref = sorted(p.name for p in b.iterdir() if p.name != ".snakemake_timestamp")
-        if names != ref:
-            return f"{a}: holds {names}, expected {ref}"
-        return next(filter(None, (same_output(a / n, b / n) for n in names)), None)
-    if a.read_bytes() == b.read_bytes():
-        return None
-    if a.suffix == ".json":
-        x, y = _mask_json(json.loads(a.read_text())), _mask_json(json.loads(b.read_text()))
-        if x != y:
-            keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k)) if isinstance(x, dict) else []
-            return f"{a} differs from the uninterrupted run's {b} in {keys}: {[x.get(k) for k in keys]} vs " \
-                   f"{[y.get(k) for k in keys]}"
-        ok = True
-    elif a.suffix == ".csv":
-        x, y = pd.read_csv(a), pd.read_csv(b)
-        drop = [c for c in y.columns if volatile(c)]
-        ok = x.drop(columns=drop, errors="ignore").equals(y.drop(columns=drop, errors="ignore"))
-    elif a.suffix == ".png":
-        from PIL import Image
-
-        ok = np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-    else:
-        ok = a.read_bytes() == b.read_bytes()
-    return None if ok else f"{a} differs from the uninterrupted run's {b}"
-
-
 def stale_temps(study: Path) -> list[str]:
     """Temp files and folders of our atomic writes (``.<name>.<host>-<pid>.<random>.tmp...``) left in the study."""
     return sorted(str(p.relative_to(study)) for d in ("data", "results") for p in (study / d).rglob(".*")
                   if (".tmp" in p.name or p.name.endswith(".old")) and "mlflow-artifacts" not in p.parts)
-
-
-def mlflow_runs(study: Path) -> pd.DataFrame:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{study / 'results' / 'mlflow.db'}")
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, max_results=10_000)
-    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, "key": r.data.tags.get("biovfm.key", "")}
-                         for r in runs])
 
 
 @pytest.mark.slow
@@ -191,7 +130,7 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
         shutil.rmtree(work / rel) if (work / rel).is_dir() else (work / rel).unlink()
     points = choose_points(job_points(small_study, stage), stage.rule)
     assert len(points) == KILLS_PER_STAGE and any(p["kind"] == "write" for p in points), points
-    runs_before = mlflow_runs(work)
+    runs_before = mlflow_runs(work / "results" / "mlflow.db")
     cmd = SNAKEMAKE + ["--directory", str(work), "--cores", "2", stage.target]
     log = tmp_path / "killed.json"
     printed = []  # what the jobs printed (the job's log is overwritten by each run)
@@ -219,14 +158,14 @@ def test_a_kill_at_any_point_of_a_stage_is_survived(stage, small_study, tmp_path
         assert same_output(work / rel, small_study / rel) is None
     assert stale_temps(work) == []
     # MLflow: the killed attempts are closed as KILLED, one finished run per job, nothing else touched.
-    runs = mlflow_runs(work)
-    new = runs[~runs.run_id.isin(runs_before.run_id)]
-    assert (runs.status != "RUNNING").all(), runs[runs.status == "RUNNING"]
-    assert runs_before.set_index("run_id").status.to_dict() == \
-        runs[runs.run_id.isin(runs_before.run_id)].set_index("run_id").status.to_dict()
-    assert (new.status == "FINISHED").sum() <= 1 and set(new.status) <= {"FINISHED", "KILLED"}, new
+    runs = mlflow_runs(work / "results" / "mlflow.db")
+    new = {i: r for i, r in runs.items() if i not in runs_before}
+    assert not [i for i, r in runs.items() if r["status"] == "RUNNING"], runs
+    assert {i: runs[i] for i in runs_before} == runs_before  # nothing else touched
+    finished = [i for i, r in new.items() if r["status"] == "FINISHED"]
+    assert len(finished) <= 1 and {r["status"] for r in new.values()} <= {"FINISHED", "KILLED"}, new
     if stage.rule == "pretrain":  # a rerun resumed from a checkpoint and still reached the same weights
         assert any("resuming from step" in text for text in printed)
     if stage.rule in ("pretrain", "evaluate"):  # the one finished run is the one its output names
         named = json.loads((work / stage.target).read_text())["mlflow_run_id"]
-        assert new[new.status == "FINISHED"].run_id.tolist() == [named]
+        assert finished == [named]

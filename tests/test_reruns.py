@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import shutil
-import struct
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from biovfm.config import benchmark_tasks, grid_points, grid_values, run_id, validate_params
-from conftest import REPO, copy_study, small_study_params
+from conftest import REPO, copy_study, mlflow_runs, same_output, small_study_params, without_volatile
 from test_workflow import SNAKEMAKE, _env, planned_jobs, snakemake
 
 # Every test reads the session's small study (its whole DAG, run once): end-to-end, hence slow.
@@ -93,35 +92,6 @@ def _jobs(*parts: dict[str, int]) -> dict[str, int]:
     return {k: n for k, n in out.items() if n}
 
 
-VOLATILE = {"process", "peak_rss_mb", "peak_gpu_mb", "mlflow_run_id", "pretrain_mlflow_run_id", "images_per_s",
-            "images_per_second", "seconds"}  # timings, memory and MLflow run ids: not results
-
-
-def _results(d):
-    """A job's JSON record without its timings and run ids (``*_s`` keys and VOLATILE)."""
-    if isinstance(d, dict):
-        return {k: _results(v) for k, v in d.items() if k not in VOLATILE and not k.endswith("_s")}
-    if isinstance(d, list):
-        return [_results(v) for v in d]
-    return d
-
-
-def _safetensors(path: Path) -> tuple[dict, bytes]:
-    """(header, tensor bytes). The header is compared as JSON: safetensors 0.8 writes the metadata keys in a random
-    (Rust HashMap) order, so two runs with identical weights differ in bytes there."""
-    b = path.read_bytes()
-    n = struct.unpack("<Q", b[:8])[0]
-    return json.loads(b[8:8 + n]), b[8 + n:]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.suffix == ".safetensors":
-        return _safetensors(a) == _safetensors(b)
-    if a.suffix == ".json":
-        return _results(json.loads(a.read_text())) == _results(json.loads(b.read_text()))
-    return a.read_bytes() == b.read_bytes()
-
-
 def _outputs(study: Path, point: str) -> list[str]:
     """The study's data files and the outputs of one grid point (relative paths; MLflow records left out)."""
     files = [f for d in ("data", f"results/runs/{point}") for f in (study / d).rglob("*") if f.is_file()]
@@ -129,26 +99,12 @@ def _outputs(study: Path, point: str) -> list[str]:
 
 
 def _assert_same_outputs(study: Path, reference: Path, point: str) -> None:
-    """Every data file and output of ``point`` in ``study`` equals the reference's: bitwise; JSON records without
-    their timings and run ids; checkpoints by tensor bytes and header."""
+    """Every data file and output of ``point`` in ``study`` equals the reference's (conftest's ``same_output``:
+    bitwise, apart from timings and run ids in JSON/CSV)."""
     files = _outputs(study, point)
     missing = [f for f in files if not (reference / f).is_file()]
-    differ = [f for f in files if f not in missing and not _same_file(study / f, reference / f)]
+    differ = [f for f in files if f not in missing and same_output(study / f, reference / f) is not None]
     assert not missing and not differ, f"missing in the reference: {missing}; differ: {differ}"
-
-
-def _mlflow_runs(db: Path) -> dict[str, dict]:
-    """Every run of the SQLite store: {run id: status, times, stage tag, metrics, params, tags, experiment}."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    exps = {e.experiment_id: e for e in client.search_experiments()}
-    runs = client.search_runs(list(exps), max_results=5000)
-    return {r.info.run_id: {"status": r.info.status, "start": r.info.start_time, "end": r.info.end_time,
-                            "stage": r.data.tags.get("stage"), "grid_id": r.data.tags.get("grid_id"),
-                            "metrics": r.data.metrics, "params": r.data.params, "tags": r.data.tags,
-                            "experiment": exps[r.info.experiment_id].name,
-                            "artifacts": exps[r.info.experiment_id].artifact_location} for r in runs}
 
 
 def _mtimes(study: Path) -> dict[str, int]:
@@ -183,12 +139,12 @@ def test_a_finished_study_reruns_nothing(small_study, tmp_path):
     """`snakemake -n` on a finished study plans nothing, and a real second run starts no job and touches no file."""
     study = copy_study(small_study, tmp_path / "study")
     assert "Nothing to be done" in snakemake(study, "-n").stdout
-    before, runs = _mtimes(study), _mlflow_runs(study / "results" / "mlflow.db")
+    before, runs = _mtimes(study), mlflow_runs(study / "results" / "mlflow.db")
     proc = snakemake(study, "--cores", "2")
     out = proc.stdout + proc.stderr
     assert "Nothing to be done" in out and not re.search(r"^(local)?rule \w+:", out, re.M), out[-3000:]
     assert _mtimes(study) == before
-    assert _mlflow_runs(study / "results" / "mlflow.db") == runs
+    assert mlflow_runs(study / "results" / "mlflow.db") == runs
 
 
 def test_one_params_value_reruns_exactly_the_jobs_it_affects(small_study, tmp_path):
@@ -278,10 +234,10 @@ def test_forcerun_of_one_grid_point_reruns_only_it(small_study, tmp_path):
     run_dir, target = study / "results" / "runs" / point, f"results/runs/{point}/run.json"
     assert _planned(study, "--forcerun", target) == _jobs({"pretrain": 1, "evaluate": 1}, e.aggregate())
     db = study / "results" / "mlflow.db"
-    runs, mtimes = _mlflow_runs(db), _mtimes(study)
+    runs, mtimes = mlflow_runs(db), _mtimes(study)
     old_eval = json.loads((run_dir / "eval.json").read_text())
     old_train = json.loads((run_dir / "run.json").read_text())
-    old_weights = _safetensors(run_dir / "checkpoint.safetensors")
+    old_weights = (run_dir / "checkpoint.safetensors").read_bytes()
 
     snakemake(study, "--cores", "2", "--forcerun", target)
     new_eval = json.loads((run_dir / "eval.json").read_text())
@@ -290,10 +246,11 @@ def test_forcerun_of_one_grid_point_reruns_only_it(small_study, tmp_path):
     assert new_eval["mlflow_run_id"] != old_eval["mlflow_run_id"]
     assert new_eval["pretrain_mlflow_run_id"] == new_train["mlflow_run_id"]
     # the rerun is the same computation: same weights, same metrics
-    assert _safetensors(run_dir / "checkpoint.safetensors") == old_weights
-    assert _results(new_eval) == _results(old_eval) and _results(new_train) == _results(old_train)
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == old_weights
+    assert without_volatile(new_eval) == without_volatile(old_eval)
+    assert without_volatile(new_train) == without_volatile(old_train)
 
-    after = _mlflow_runs(db)
+    after = mlflow_runs(db)
     assert {k: after[k] for k in runs} == runs  # same ids, status, times, metrics, params and tags
     added = {k: v for k, v in after.items() if k not in runs}
     assert sorted(r["stage"] for r in added.values()) == ["aggregate", "evaluate", "pretrain"]
@@ -320,7 +277,6 @@ def test_forcerun_of_one_grid_point_reruns_only_it(small_study, tmp_path):
 ALLOWED_OUTSIDE = [  # per-user caches of the tools (not of biovfm), written by any run of them
     r"home/\.cache/snakemake/",  # Snakemake's source cache
     r"home/\.cache/matplotlib/",  # matplotlib's font list
-    r"home/\.config/mlflow/telemetry\.json$",  # MLflow's telemetry installation id (MLflow >= 3.5; see the report)
 ]
 
 
@@ -398,14 +354,14 @@ def test_two_studies_at_once_in_two_folders_share_nothing(at_once, small_study):
 
     for s, p, pt, other, stages in ((s1, c["p1"], c["pt1"], s2, ["evaluate", "preprocess", "pretrain"]),
                                     (s2, c["p2"], c["pt2"], s1, ["preprocess", "pretrain"])):
-        runs = _mlflow_runs(s / "results" / "mlflow.db")
+        runs = mlflow_runs(s / "results" / "mlflow.db")
         assert sorted(r["stage"] for r in runs.values()) == stages
         assert {r["experiment"] for r in runs.values()} == {p["tracking"]["experiment"]}
         assert all(r["status"] == "FINISHED" for r in runs.values())
         assert json.loads((s / "results" / "runs" / pt / "run.json").read_text())["mlflow_run_id"] in runs
         assert {r["grid_id"] for r in runs.values() if r["stage"] != "preprocess"} == {pt}
         assert all(Path(r["artifacts"].removeprefix("file://")).is_relative_to(s) for r in runs.values())
-        assert not set(runs) & set(_mlflow_runs(other / "results" / "mlflow.db"))
+        assert not set(runs) & set(mlflow_runs(other / "results" / "mlflow.db"))
         artifacts = {d.name for d in (s / "results" / "mlflow-artifacts").iterdir()}
         assert artifacts <= set(runs), f"artifacts of runs of another store in {s}"
     outside = c["outside"]
