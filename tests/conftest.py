@@ -150,7 +150,7 @@ def study_points(study: Path) -> Path:
     return study.parent / f"{study.name}-points"
 
 
-SESSION_FIXTURE_SECONDS: dict[str, float] = {}  # set up once, in the setup of the first test that uses them
+SESSION_FIXTURE_SECONDS: dict[str, float] = {}  # this process's session fixtures, set up by the first test using them
 
 
 @pytest.fixture(scope="session")
@@ -177,9 +177,91 @@ def small_study(tmp_path_factory) -> Path:
     return work
 
 
+# Parallel runs (pytest-xdist, `-n auto` in pyproject.toml): tests that share a costly fixture run in one worker,
+# so that it is built once. The small study's tests form one group; a module with a module-scoped fixture (a SLURM
+# cluster, a tracking server, ...) is its own group; any other test goes wherever a worker is free. Groups are handed
+# out longest first (the order below), so that no long group starts last. The workers find each test's group from
+# its fixtures and write it to a file (GROUPS_ENV) that the scheduler in the controller reads: xdist's own
+# `--dist loadgroup` marks tests by editing their node ids, which pytest 9.2 no longer allows.
+GROUP_ORDER = ["small_study", "test_slurm", "test_tracking_server"]
+GROUPS_ENV = "BIOVFM_TEST_GROUPS"
+
+
+def test_group(item: pytest.Item) -> str | None:
+    if "small_study" in item.fixturenames:
+        return "small_study"
+    shared = any(d.scope != "function" and d.func.__module__ == item.module.__name__  # a fixture of its module
+                 for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
+    return item.module.__name__ if shared else None
+
+
+def pytest_configure(config) -> None:
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):  # the controller of a -n run
+        import tempfile
+
+        os.environ[GROUPS_ENV] = os.path.join(tempfile.mkdtemp(prefix="biovfm-test-groups-"), "groups.json")
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # not an xdist worker (`-n 0`): the files' order, unchanged
+        return
+    groups = {item.nodeid: test_group(item) for item in items}
+    rank = {name: i for i, name in enumerate(GROUP_ORDER)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid] or "", len(rank)))  # stable: the files' order within
+    from biovfm.io import write_json
+
+    write_json(os.environ[GROUPS_ENV], groups)  # atomic; every worker writes the same
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to one worker (the tests with no group one by one), in the collection's order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str | None] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # read once all workers have collected, which scheduling waits for
+                self.groups = json.loads(Path(os.environ[GROUPS_ENV]).read_text())
+            return self.groups.get(nodeid) or nodeid
+
+    config.option.loadscopereorder = False  # keep GROUP_ORDER's order, not the largest group first
+    return GroupScheduling(config, log)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per CPU this process may use (not per physical core: 2 vCPUs are 1 core to psutil)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Carry this process's session-fixture times on the setup report, so the summary has them under xdist too."""
+    report = yield
+    if call.when == "setup" and SESSION_FIXTURE_SECONDS:
+        report.user_properties.append(("session_fixture_seconds", dict(SESSION_FIXTURE_SECONDS)))
+        SESSION_FIXTURE_SECONDS.clear()
+    return report
+
+
+def pytest_runtest_logreport(report) -> None:
+    for key, value in report.user_properties:
+        if key == "session_fixture_seconds":
+            FIXTURE_SECONDS_SEEN.update(value)
+
+
+FIXTURE_SECONDS_SEEN: dict[str, float] = {}  # every worker's session fixtures, as their reports arrive
+
+
 @pytest.hookimpl(trylast=True)  # after the slowest-durations list
 def pytest_terminal_summary(terminalreporter) -> None:
     """A session fixture runs in the setup of the first test that uses it: say how much of that setup it was."""
-    for name, seconds in SESSION_FIXTURE_SECONDS.items():
+    for name, seconds in FIXTURE_SECONDS_SEEN.items():
         terminalreporter.write_line(f"{seconds:.2f}s session fixture {name} (part of the setup time above of the "
                                     "first test that uses it)")
+
+
+
+def pytest_unconfigure(config) -> None:
+    if not hasattr(config, "workerinput") and GROUPS_ENV in os.environ:  # the controller: its groups file
+        shutil.rmtree(Path(os.environ.pop(GROUPS_ENV)).parent, ignore_errors=True)
