@@ -1,7 +1,7 @@
 """Pretraining-step and feature-extraction throughput per method x model, with MFU against a measured matmul peak.
 
     python benchmarks/method_throughput.py [--methods mae dino] [--models pico tiny] [--size 28] [--batch 64]
-        [--steps 5] [--precision fp32|bf16|both] [--threads 2] [--big] [--params params.yaml]
+        [--steps 5] [--precision fp32|bf16|both] [--threads 2] [--big] [--profile N] [--params params.yaml]
 
 What it measures, all in one run on one machine at ``--threads`` threads:
   * the matmul peak: GFLOP/s of ``torch.mm`` on 2048x2048 (and 4096x4096 with ``--big``) after warm-up, for fp32
@@ -19,6 +19,9 @@ more than 10 minutes for the bf16 peak alone), so the script skips bf16 and says
 A shared machine: every training and feature row is measured as ``--steps`` interleaved pairs (one matmul-peak
 sample of the row's precision, one step), and its MFU is the median over the pairs of (achieved / the peak sample
 next to it), so a neighbour's load hits both sides of each ratio. The img/s shown is the median.
+
+``--profile N`` adds, under each row, torch.profiler's N costliest operators (self CPU time) over 2 more calls:
+where the time the counter does not count goes.
 
 How to read it: GFLOP/img comes from torch's FlopCounterMode (matmul, conv and SDPA only; forward+backward and the
 DINO teacher forward for training rows; what the step executes, so work a method skips is not counted).
@@ -148,6 +151,16 @@ def train_step_fn(method: Method, batch: torch.Tensor, bf16: bool) -> Callable[[
     return step
 
 
+def profile_table(fn: Callable[[int], None], rows: int) -> str:
+    """torch.profiler's ``rows`` costliest operators by self CPU time over two calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(2):
+            fn(1000 + i)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44)
+
+
 def at_size(p: dict[str, Any], size: int) -> dict[str, Any]:
     """params with ``data.image_size`` set, so a ladder entry gets its patch size for that image size."""
     return {**p, "data": {**p["data"], "image_size": size}}
@@ -182,6 +195,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--big", action="store_true", help="also measure the peak on 4096x4096")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print each row's N costliest operators")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     p = load_params(a.params)
@@ -211,8 +225,11 @@ def main() -> None:
             method = build(p, name, model, size)
             flops = train_flops_per_image(method, batch, 0)  # the timed batch: DINO's work depends on its masks
             for prec in precs:
-                measured = paired(train_step_fn(method, batch, prec == "bf16"), a.steps, a.batch, prec, mats)
+                step = train_step_fn(method, batch, prec == "bf16")
+                measured = paired(step, a.steps, a.batch, prec, mats)
                 print(row([name, model, params_m, prec], measured, flops, peaks["fp32"]), flush=True)
+                if a.profile:
+                    print(profile_table(step, a.profile), flush=True)
         enc = build_encoder(spec, size).eval()
         fwd = count_flops_per_image(enc, size)
         for prec in precs:
@@ -221,6 +238,8 @@ def main() -> None:
                     encoder_features(enc, feat_images, p["evaluate"]["batch_size"])
             print(row(["features", model, params_m, prec], paired(extract, a.steps, a.batch, prec, mats), fwd,
                       peaks["fp32"]), flush=True)
+            if a.profile:
+                print(profile_table(extract, a.profile), flush=True)
 
 
 if __name__ == "__main__":
