@@ -151,6 +151,7 @@ def study_points(study: Path) -> Path:
 
 
 SESSION_FIXTURE_SECONDS: dict[str, float] = {}  # this process's session fixtures, set up by the first test using them
+FIXTURE_SECONDS_SEEN: dict[str, float] = {}  # every worker's, as their reports arrive (pytest_runtest_logreport)
 
 
 @pytest.fixture(scope="session")
@@ -187,12 +188,14 @@ GROUP_ORDER = ["small_study", "test_slurm", "test_tracking_server"]
 GROUPS_ENV = "BIOVFM_TEST_GROUPS"
 
 
-def test_group(item: pytest.Item) -> str | None:
+def shared_group(item: pytest.Item) -> str | None:
+    """The group of tests that share a costly fixture with this one, if any."""
     if "small_study" in item.fixturenames:
         return "small_study"
-    shared = any(d.scope != "function" and d.func.__module__ == item.module.__name__  # a fixture of its module
+    module = getattr(item.module, "__name__", None)
+    shared = any(d.scope != "function" and d.func.__module__ == module  # a fixture of its own module
                  for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs)
-    return item.module.__name__ if shared else None
+    return module if shared else None
 
 
 def pytest_configure(config) -> None:
@@ -205,7 +208,7 @@ def pytest_configure(config) -> None:
 def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
     if not hasattr(config, "workerinput"):  # not an xdist worker (`-n 0`): the files' order, unchanged
         return
-    groups = {item.nodeid: test_group(item) for item in items}
+    groups = {item.nodeid: shared_group(item) for item in items}
     rank = {name: i for i, name in enumerate(GROUP_ORDER)}
     items.sort(key=lambda item: rank.get(groups[item.nodeid] or "", len(rank)))  # stable: the files' order within
     from biovfm.io import write_json
@@ -250,16 +253,12 @@ def pytest_runtest_logreport(report) -> None:
             FIXTURE_SECONDS_SEEN.update(value)
 
 
-FIXTURE_SECONDS_SEEN: dict[str, float] = {}  # every worker's session fixtures, as their reports arrive
-
-
 @pytest.hookimpl(trylast=True)  # after the slowest-durations list
 def pytest_terminal_summary(terminalreporter) -> None:
     """A session fixture runs in the setup of the first test that uses it: say how much of that setup it was."""
     for name, seconds in FIXTURE_SECONDS_SEEN.items():
         terminalreporter.write_line(f"{seconds:.2f}s session fixture {name} (part of the setup time above of the "
                                     "first test that uses it)")
-
 
 
 def pytest_unconfigure(config) -> None:
