@@ -185,7 +185,9 @@ def test_one_params_value_reruns_exactly_the_jobs_it_affects(small_study, tmp_pa
 
 
 CODE_EDITS = [  # (source file under src/biovfm, the parts of the DAG it reruns, why)
-    ("methods/mae.py", lambda e: _jobs(e.all_points(), e.aggregate()), "pretraining code (one hash for all methods)"),
+    ("methods/mae.py", lambda e: _jobs(e.points_of("mae"), e.aggregate()), "one method's objective: its points only"),
+    ("methods/dino/loss.py", lambda e: _jobs(e.points_of("dino"), e.aggregate()), "the other method's, in a folder"),
+    ("methods/base.py", lambda e: _jobs(e.all_points(), e.aggregate()), "what every method shares"),
     ("train/augment.py", lambda e: _jobs(e.all_points(), e.evaluations(), e.aggregate()),
      "pretraining, and the input normalisation of every evaluation's features"),
     ("evaluate/probe.py", lambda e: _jobs(e.evaluations(), e.aggregate()), "an estimator: every evaluation"),

@@ -500,6 +500,14 @@ def code_version(*parts: str) -> str:
     return h.hexdigest()[:12]
 
 
+def pretrain_code_version(method: str) -> str:
+    """The pretraining code of one method: the loop, the models and the methods' shared base, and of the objectives
+    only its own (``methods/<method>.py`` or ``methods/<method>/``), so an edit of DINO retrains no MAE point."""
+    folder = Path(__file__).resolve().parent / "methods" / method
+    own = f"methods/{method}" if folder.is_dir() else f"methods/{method}.py"
+    return code_version("models", "train", "data/store.py", "config.py", "methods/__init__.py", "methods/base.py", own)
+
+
 # --------------------------------------------------------------------------------------------- cluster (SLURM)
 # Rules whose jobs may run on GPUs, and the section of params' cluster that sizes them by model.
 GPU_RULES = {"pretrain": "pretrain", "evaluate": "evaluate", "evaluate_random_init": "evaluate",

@@ -52,7 +52,7 @@ def mlflow_store():
 MLFLOW_STORE = mlflow_store()
 
 # Each stage's code, a param of its jobs: an edit reruns that stage and what reads its outputs (nothing else).
-CODE_PRETRAIN = cfg.code_version("models", "methods", "train", "data/store.py", "config.py")
+CODE_PRETRAIN = {m: cfg.pretrain_code_version(m) for m in cfg.grid_values(config, "methods")}  # per method
 CODE_EVAL = cfg.code_version("evaluate", "models", "data/medmnist.py", "data/preprocess.py", "train/augment.py",
                              "config.py")  # train/augment.py: the input normalisation of the features
 CODE_DOWNLOAD = cfg.code_version("data/synthetic.py")  # the synthetic benchmark's generator (MedMNIST+: the MD5s)
@@ -94,7 +94,7 @@ def external_weights(w):
 
 
 def pretrain_job(w):
-    job = cfg.pretrain_job(config, w.method, w.model, w.modality, int(w.n), int(w.seed), CODE_PRETRAIN)
+    job = cfg.pretrain_job(config, w.method, w.model, w.modality, int(w.n), int(w.seed), CODE_PRETRAIN[w.method])
     # threads only schedule the job (the command's --threads sets them): a changed count must rerun nothing
     return cfg.to_json(dataclasses.replace(job, train=dataclasses.replace(job.train, threads=1)))
 
